@@ -1,0 +1,128 @@
+"""Adapter written: the config keys, the sidecar, and checks on the weights.
+
+mlx-lm writes ``adapter_config.json`` and ``adapters.safetensors`` itself; this
+module adds what makes the directory self-describing:
+
+- ``adapter_config.json``: mlx-lm's own keys (with
+  ``lora_parameters.rank_pattern``) plus the PEFT keys (``peft_type``, ``r``,
+  ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``target_modules``, …);
+- ``optiq_lora_config.json``: the sidecar (per-module rank, bits, KL and their
+  source, the policy, parameter counts, metadata files and hashes, versions).
+
+Every file is written to a temporary file in the same directory and renamed
+into place, so an interrupted write leaves the previous file intact.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .ranks import distribution, parameter_count
+
+SIDECAR = "optiq_lora_config.json"
+SIDECAR_FORMAT = 1
+
+
+def atomic_write(path: Path, write):
+    """Call ``write(tmp_path)``, then rename ``tmp_path`` over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=4)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def peft_config_keys(run):
+    """The PEFT ``LoraConfig`` keys for the run's adapter.
+
+    PEFT scales each module by ``lora_alpha / r`` while mlx-lm multiplies by
+    ``scale`` whatever the rank, so the alpha for module ``i`` is
+    ``scale * r_i``. Patterns use exact full module paths, never regexes that
+    could overlap.
+    """
+    scale = run.lora_parameters["scale"]
+    base = run.base_rank
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": run.base_model,
+        "r": base,
+        "lora_alpha": scale * base,
+        "lora_dropout": run.lora_parameters.get("dropout", 0.0),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": sorted(run.ranks),
+        "rank_pattern": {p: r for p, r in run.ranks.items() if r != base},
+        "alpha_pattern": {p: scale * r for p, r in run.ranks.items() if r != base},
+    }
+
+
+def sidecar(run):
+    """The ``optiq_lora_config.json`` document for a run."""
+    import mlx.core as mx
+    import mlx_lm
+
+    modules = {}
+    for path, rank in run.ranks.items():
+        fact = run.facts[path]
+        modules[path] = {
+            "rank": rank,
+            "bits": fact.bits,
+            "bits_source": fact.bits_source,
+            "kl": fact.kl,
+            "kl_source": fact.kl_source,
+        }
+    return {
+        "format": SIDECAR_FORMAT,
+        "base_model": run.base_model,
+        "rank_scaling": run.scaling,
+        "rank_budget": run.budget,
+        "base_rank": run.base_rank,
+        "scale": run.lora_parameters["scale"],
+        "dropout": run.lora_parameters.get("dropout", 0.0),
+        "rank_distribution": {str(k): v for k, v in distribution(run.ranks).items()},
+        "trainable_parameters": parameter_count(run.ranks, run.units),
+        "constant_rank_parameters": run.base_rank * sum(run.units.values()),
+        "metadata_files": [
+            {"file": s.name, "sha256": s.sha256} for s in run.sources if s.path
+        ],
+        "modules": modules,
+        "versions": {
+            "mlx_lm_optiq": __version__,
+            "mlx_lm": mlx_lm.__version__,
+            "mlx": mx.__version__,
+        },
+    }
+
+
+def check_finite(adapter_file: Path):
+    """Refuse to call an adapter trained if any tensor in it is NaN or inf."""
+    import mlx.core as mx
+
+    bad = [
+        name
+        for name, w in mx.load(str(adapter_file)).items()
+        if not mx.all(mx.isfinite(w)).item()
+    ]
+    if bad:
+        raise ValueError(
+            f"{adapter_file}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); "
+            "training diverged — lower the learning rate or the scale"
+        )

@@ -1,0 +1,226 @@
+"""Metadata in: what is known about each adapted module's quantization.
+
+Sources, tried in this order for each module (the first that has an entry
+wins and is recorded as the module's ``source``):
+
+1. ``optiq/metadata.json`` (OptiQ), then the legacy root ``optiq_metadata.json``:
+   ``per_layer`` at top level or under ``optimization``, entries
+   ``{"bits": 8, "group_size": 64}`` (bf16 recorded as bits 16, an optional
+   ``kl``);
+2. ``config.json`` ``quantization``: mlx-lm's per-module entries;
+3. the live model: each ``QuantizedLinear.bits``.
+
+KL sensitivity comes from ``optiq/sensitivity.json`` (OptiQ's shape, also
+written by our sensitivity command), else from ``kl`` in OptiQ's
+``per_layer`` entries. Keys are matched to module paths whatever wrapper
+prefix either side carries (``model.``, ``language_model.``, ``backbone.``).
+"""
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
+WRAPPER_PREFIXES = ("model", "language_model", "backbone", "transformer")
+
+OPTIQ_METADATA = "optiq/metadata.json"
+LEGACY_OPTIQ_METADATA = "optiq_metadata.json"
+SENSITIVITY = "optiq/sensitivity.json"
+MODEL_CONFIG = "config.json"
+LIVE_MODEL = "model"
+
+
+class MetadataError(ValueError):
+    """A metadata file is unreadable or says something impossible."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+def canonical(key: str) -> str:
+    """``language_model.model.layers.3.mlp.up_proj`` -> ``layers.3.mlp.up_proj``."""
+    if key.endswith(".weight"):
+        key = key[: -len(".weight")]
+    parts = key.split(".")
+    while len(parts) > 1 and parts[0] in WRAPPER_PREFIXES:
+        parts.pop(0)
+    return ".".join(parts)
+
+
+@dataclass
+class Source:
+    """What one metadata file says, keyed by canonical module path."""
+
+    name: str
+    path: Optional[Path] = None
+    bits: Dict[str, int] = field(default_factory=dict)
+    kl: Dict[str, float] = field(default_factory=dict)
+    sha256: Optional[str] = None
+
+
+@dataclass
+class ModuleFacts:
+    bits: Optional[int]
+    bits_source: Optional[str]
+    kl: Optional[float] = None
+    kl_source: Optional[str] = None
+
+
+def _load_json(path: Path):
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw), hashlib.sha256(raw).hexdigest()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetadataError(path, f"not valid JSON ({e})") from None
+
+
+def _check_bits(path, key, bits):
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits not in VALID_BITS:
+        raise MetadataError(
+            path, f"{key}: bits must be one of {list(VALID_BITS)}, got {bits!r}"
+        )
+    return int(bits)
+
+
+def _check_kl(path, key, kl):
+    if isinstance(kl, bool) or not isinstance(kl, (int, float)) or not math.isfinite(kl) or kl < 0:
+        raise MetadataError(
+            path, f"{key}: KL must be a finite number >= 0, got {kl!r}"
+        )
+    return float(kl)
+
+
+def read_optiq_metadata(path: Path, name: str) -> Source:
+    data, sha = _load_json(path)
+    per_layer = data.get("per_layer") if isinstance(data, dict) else None
+    if per_layer is None and isinstance(data, dict):
+        per_layer = (data.get("optimization") or {}).get("per_layer")
+    if not isinstance(per_layer, dict):
+        raise MetadataError(path, "no 'per_layer' mapping (top level or under 'optimization')")
+    source = Source(name, path, sha256=sha)
+    for key, entry in per_layer.items():
+        if not isinstance(entry, dict) or "bits" not in entry:
+            raise MetadataError(path, f"per_layer[{key!r}] has no 'bits'")
+        source.bits[canonical(key)] = _check_bits(path, key, entry["bits"])
+        if entry.get("kl") is not None:
+            source.kl[canonical(key)] = _check_kl(path, key, entry["kl"])
+    return source
+
+
+def read_sensitivity(path: Path) -> Source:
+    data, sha = _load_json(path)
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, list):
+        raise MetadataError(path, "no 'layers' list")
+    candidates = data.get("candidate_bits") or []
+    source = Source(SENSITIVITY, path, sha256=sha)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or "layer_name" not in layer:
+            raise MetadataError(path, f"layers[{i}] has no 'layer_name'")
+        sens = layer.get("sensitivities")
+        if not isinstance(sens, dict) or not sens:
+            raise MetadataError(path, f"{layer['layer_name']}: no 'sensitivities'")
+        # KL at the lowest candidate bit-width: the cost of quantizing hardest.
+        try:
+            lowest = min(int(b) for b in (candidates or sens.keys()))
+        except ValueError:
+            raise MetadataError(path, f"{layer['layer_name']}: bit-widths must be integers") from None
+        if str(lowest) not in sens:
+            raise MetadataError(path, f"{layer['layer_name']}: no KL at {lowest} bits")
+        key = layer["layer_name"]
+        source.kl[canonical(key)] = _check_kl(path, key, sens[str(lowest)])
+    return source
+
+
+def read_config_quantization(path: Path) -> Optional[Source]:
+    data, sha = _load_json(path)
+    quant = data.get("quantization") if isinstance(data, dict) else None
+    if not isinstance(quant, dict):
+        return None
+    source = Source(MODEL_CONFIG, path, sha256=sha)
+    for key, entry in quant.items():
+        if isinstance(entry, dict) and "bits" in entry:
+            source.bits[canonical(key)] = _check_bits(path, key, entry["bits"])
+        elif entry is False:
+            source.bits[canonical(key)] = 16
+    return source if source.bits else None
+
+
+def read_sources(model_dir: Optional[Path]) -> List[Source]:
+    """Every metadata file present in ``model_dir``, in priority order."""
+    if model_dir is None:
+        return []
+    sources = []
+    for name in (OPTIQ_METADATA, LEGACY_OPTIQ_METADATA):
+        if (model_dir / name).is_file():
+            sources.append(read_optiq_metadata(model_dir / name, name))
+    if (model_dir / SENSITIVITY).is_file():
+        sources.append(read_sensitivity(model_dir / SENSITIVITY))
+    if (model_dir / MODEL_CONFIG).is_file():
+        config = read_config_quantization(model_dir / MODEL_CONFIG)
+        if config is not None:
+            sources.append(config)
+    return sources
+
+
+def _examples(keys, n=3):
+    keys = sorted(keys)
+    more = f", … ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def module_facts(targets, all_paths, sources, report=print) -> Dict[str, ModuleFacts]:
+    """Bits and KL for every adapted module.
+
+    Args:
+        targets: ``[(module path, live bits or None)]`` for the adapted modules.
+        all_paths: every module path of the model, to tell a key for a module
+          that is merely not adapted from a key that matches nothing.
+        sources: from :func:`read_sources`.
+        report: called with one line for each thing worth telling the user.
+
+    Returns:
+        ``{module path: ModuleFacts}``; ``bits`` is ``None`` only when no source
+        knows and the model is not quantized at all.
+    """
+    known = {canonical(p) for p in all_paths}
+    wanted = {canonical(p): p for p, _ in targets}
+    for source in sources:
+        keys = set(source.bits) | set(source.kl)
+        stray = keys - known
+        if stray:
+            report(
+                f"warning: {source.path}: {len(stray)} entries match no module of "
+                f"the model: {_examples(stray)}"
+            )
+        if source.name != MODEL_CONFIG:
+            missing = set(wanted) - keys
+            if missing:
+                report(
+                    f"note: {source.path} has no entry for {len(missing)} adapted "
+                    f"modules: {_examples(wanted[k] for k in missing)}"
+                )
+
+    any_quantized = any(bits is not None for _, bits in targets)
+    facts = {}
+    for path, live_bits in targets:
+        key = canonical(path)
+        fact = ModuleFacts(None, None)
+        for source in sources:
+            if fact.bits is None and key in source.bits:
+                fact.bits, fact.bits_source = source.bits[key], source.name
+            if fact.kl is None and key in source.kl:
+                fact.kl, fact.kl_source = source.kl[key], source.name
+        if fact.bits is None and (live_bits is not None or any_quantized):
+            fact.bits, fact.bits_source = live_bits or 16, LIVE_MODEL
+        elif live_bits is not None and fact.bits != live_bits:
+            report(
+                f"warning: {path}: {fact.bits_source} says {fact.bits} bits but the "
+                f"loaded model has {live_bits}; using {fact.bits_source}"
+            )
+        facts[path] = fact
+    return facts

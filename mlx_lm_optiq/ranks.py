@@ -1,0 +1,162 @@
+"""Ranks out: a LoRA rank for every adapted module.
+
+Policies (base rank ``r``, floor :data:`MIN_RANK`):
+
+- ``constant``: ``r`` everywhere, exactly what stock mlx-lm trains;
+- ``by_bits``: ``ceil(r * bits / 4)``: 4-bit -> r, 8-bit -> 2r, 3-bit -> 0.75r;
+- ``by_kl``: ``ceil(r * clip(kl / median_kl, 0.5, 2))``, the median over the
+  adapted modules; without any KL it falls back to ``by_bits``.
+
+``match_budget`` then optionally rescales any policy's ranks so the adapter's
+parameter count is as close as possible to, and never above, ``constant``'s.
+"""
+
+import math
+import statistics
+from collections import Counter
+from typing import Callable, Dict, Mapping, Optional
+
+MIN_RANK = 2
+
+
+class RankPolicyError(ValueError):
+    pass
+
+
+def _floor(rank):
+    return max(MIN_RANK, int(rank))
+
+
+def constant(base_rank, facts, report=print):
+    return {path: base_rank for path in facts}
+
+
+def by_bits(base_rank, facts, report=print):
+    unknown = [p for p, f in facts.items() if f.bits is None]
+    if len(unknown) == len(facts):
+        raise RankPolicyError(
+            "--rank-scaling by_bits needs quantization information, and this model "
+            "has none: no module is quantized and there is no optiq/metadata.json, "
+            "optiq_metadata.json or per-module config.json quantization. Use "
+            "--rank-scaling constant, or quantize the model with mixed precision first."
+        )
+    return {
+        path: _floor(math.ceil(base_rank * f.bits / 4)) if f.bits else base_rank
+        for path, f in facts.items()
+    }
+
+
+def by_kl(base_rank, facts, report=print):
+    kls = [f.kl for f in facts.values() if f.kl is not None]
+    if not kls:
+        report(
+            "note: no KL sensitivity for the adapted modules (no optiq/sensitivity.json); "
+            "by_kl falls back to by_bits"
+        )
+        return by_bits(base_rank, facts, report)
+    missing = len(facts) - len(kls)
+    if missing:
+        report(f"note: {missing} adapted modules have no KL; they keep rank {base_rank}")
+    median = statistics.median(kls)
+    ranks = {}
+    for path, f in facts.items():
+        if f.kl is None:
+            ranks[path] = base_rank
+            continue
+        ratio = f.kl / median if median > 0 else 1.0
+        ranks[path] = _floor(math.ceil(base_rank * min(2.0, max(0.5, ratio))))
+    return ranks
+
+
+POLICIES: Dict[str, Callable] = {
+    "constant": constant,
+    "by_bits": by_bits,
+    "by_kl": by_kl,
+}
+
+
+def parameter_count(ranks: Mapping[str, int], units: Mapping[str, int]) -> int:
+    """Adapter parameters: the sum of ``rank_i * (in_i + out_i)``."""
+    return sum(ranks[p] * units[p] for p in ranks)
+
+
+def match_budget(ranks, units, base_rank):
+    """Rescale ``ranks`` to spend at most what ``constant`` would.
+
+    Finds the largest common factor ``s`` such that ``max(2, floor(r_i * s))``
+    fits the budget, then hands out single rank steps, largest remainder first,
+    while they still fit: what is left unspent is less than one module's step.
+    """
+    budget = base_rank * sum(units[p] for p in ranks)
+    if MIN_RANK * sum(units[p] for p in ranks) > budget:
+        raise RankPolicyError(
+            f"--rank-budget match: a base rank of {base_rank} is below the minimum "
+            f"rank {MIN_RANK}"
+        )
+
+    def scaled(s):
+        return {p: _floor(math.floor(r * s)) for p, r in ranks.items()}
+
+    lo, hi = 0.0, 1.0
+    while parameter_count(scaled(hi), units) <= budget:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if parameter_count(scaled(mid), units) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    result = scaled(lo)
+    spent = parameter_count(result, units)
+    by_remainder = sorted(ranks, key=lambda p: (ranks[p] * lo - result[p]), reverse=True)
+    for p in by_remainder:
+        if spent + units[p] <= budget:
+            result[p] += 1
+            spent += units[p]
+    return result
+
+
+def assign(policy, base_rank, facts, units, budget="free", report=print):
+    """Ranks for every adapted module.
+
+    Args:
+        policy: a key of :data:`POLICIES`.
+        base_rank: ``lora_parameters.rank``.
+        facts: ``{module path: ModuleFacts}`` from :mod:`mlx_lm_optiq.metadata`.
+        units: ``{module path: in_dims + out_dims}`` (adapter parameters per rank).
+        budget: ``"free"`` keeps the policy's ranks, ``"match"`` rescales them to
+          ``constant``'s parameter count.
+        report: called with one line for each thing worth telling the user.
+
+    Returns:
+        ``{module path: rank}`` in the modules' order.
+    """
+    if not isinstance(base_rank, int) or isinstance(base_rank, bool) or base_rank <= 0:
+        raise RankPolicyError(f"the LoRA rank must be a positive integer, got {base_rank!r}")
+    if policy not in POLICIES:
+        raise RankPolicyError(
+            f"unknown rank scaling {policy!r}; choose one of {', '.join(POLICIES)}"
+        )
+    ranks = POLICIES[policy](base_rank, facts, report)
+    if budget == "match":
+        ranks = match_budget(ranks, units, base_rank)
+    elif budget != "free":
+        raise RankPolicyError(f"unknown rank budget {budget!r}; choose free or match")
+    return ranks
+
+
+def distribution(ranks: Mapping[str, int]) -> Dict[int, int]:
+    """``{rank: number of modules}``, smallest rank first."""
+    return dict(sorted(Counter(ranks.values()).items()))
+
+
+def describe(ranks, units, base_rank, scaling: Optional[str] = None) -> str:
+    """The lines printed before training and by ``mlx_lm_optiq.info``."""
+    trainable = parameter_count(ranks, units)
+    constant_count = base_rank * sum(units.values())
+    ratio = trainable / constant_count if constant_count else 0.0
+    return (
+        f"rank distribution: {distribution(ranks)} across {len(ranks)} adapted modules\n"
+        f"adapter parameters: {trainable:,} ({ratio:.2f}x the {constant_count:,} "
+        f"of constant rank {base_rank})"
+    )

@@ -1,0 +1,313 @@
+"""The only module that touches mlx-lm internals.
+
+It backports, into an unpatched mlx-lm, the call sites that ``patches/``
+proposes upstream:
+
+- ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``;
+- ``load_adapters`` builds mixed-rank adapters (from ``rank_pattern`` or, when
+  a config lacks it, from the tensor shapes in the file);
+- ``mlx_lm.lora`` gains the plugin's CLI arguments, asks the plugin for the
+  LoRA parameters before conversion, and lets it act once the adapter config
+  and weights are saved.
+
+Each patch is a small named function that wraps one name where mlx-lm looks it
+up, checks the mlx-lm version first, is idempotent, is undone by
+:func:`uninstall`, and passes straight through when nothing is asked of it.
+"""
+
+import contextlib
+import functools
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import mlx.nn as nn
+
+from . import SUPPORTED_MLX_LM, __version__
+
+_lock = threading.RLock()
+_patched = {}  # (module name, attribute) -> original
+_pending_rank_pattern = threading.local()
+
+
+class UnsupportedMlxLm(RuntimeError):
+    pass
+
+
+def _check_version():
+    import mlx_lm
+
+    version = getattr(mlx_lm, "__version__", "0")
+    parsed = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    low, high = SUPPORTED_MLX_LM
+    if not (low <= parsed < high):
+        raise UnsupportedMlxLm(
+            f"mlx-lm {version} is not supported by mlx-lm-optiq {__version__} "
+            f"(needs >={'.'.join(map(str, low))},<{'.'.join(map(str, high))})"
+        )
+
+
+def upstream_has_hooks():
+    """True for an mlx-lm that carries the ``patches/`` call sites itself."""
+    return importlib.util.find_spec("mlx_lm.plugins") is not None
+
+
+def on_import(module):
+    """Post-import hook: patch ``module`` (``mlx_lm.tuner.utils`` or ``mlx_lm.lora``)."""
+    if upstream_has_hooks():
+        return
+    _check_version()
+    if module.__name__ == "mlx_lm.tuner.utils":
+        _wrap(module, "linear_to_lora_layers", _linear_to_lora_layers)
+        _wrap(module, "load_adapters", _load_adapters)
+    elif module.__name__ == "mlx_lm.lora":
+        tuner_utils = sys.modules["mlx_lm.tuner.utils"]
+        for name in ("linear_to_lora_layers", "load_adapters"):
+            _rebind(module, name, tuner_utils)
+        _wrap(module, "build_parser", _build_parser)
+        _wrap(module, "train_model", _train_model)
+        _wrap(module, "save_config", _save_config)
+
+
+def uninstall():
+    """Restore every wrapped function; safe to call more than once."""
+    with _lock:
+        for (module_name, attr), original in list(_patched.items()):
+            module = sys.modules.get(module_name)
+            if module is not None:
+                setattr(module, attr, original)
+            del _patched[(module_name, attr)]
+
+
+def _wrap(module, attr, wrapper_fn):
+    """Replace ``module.attr`` by ``wrapper_fn`` bound to the original, once."""
+    with _lock:
+        current = getattr(module, attr, None)
+        if current is None:
+            raise UnsupportedMlxLm(f"{module.__name__}.{attr} not found")
+        if hasattr(current, "__optiq_original__"):
+            return
+        wrapper = functools.wraps(current)(functools.partial(wrapper_fn, current))
+        wrapper.__optiq_original__ = current
+        _patched[(module.__name__, attr)] = current
+        setattr(module, attr, wrapper)
+
+
+def _rebind(module, attr, source):
+    """Point a name imported by value (``from .tuner.utils import load_adapters``)
+    at the wrapper that ``source`` now holds."""
+    with _lock:
+        current = getattr(module, attr, None)
+        wrapper = getattr(source, attr)
+        if current is None or not hasattr(wrapper, "__optiq_original__"):
+            raise UnsupportedMlxLm(f"{module.__name__}.{attr} can't be patched")
+        if current is not wrapper:
+            _patched[(module.__name__, attr)] = current
+            setattr(module, attr, wrapper)
+
+
+def _plugin():
+    from . import plugin
+
+    return plugin
+
+
+# -- LoRA conversion ----------------------------------------------------------
+
+
+_LORA_FACTORIES = (
+    "LoRALinear",
+    "DoRALinear",
+    "LoRASwitchLinear",
+    "LoRAEmbedding",
+    "DoRAEmbedding",
+)
+
+
+class _RankedFactory:
+    """Stands in for a LoRA layer class inside ``linear_to_lora_layers``.
+
+    mlx-lm's inner ``to_lora`` calls ``LoRALayer.from_base(layer, r=rank, ...)``
+    in a fixed module order; picking ``r`` per base layer here keeps that
+    order, and so the random stream, identical to stock.
+    """
+
+    def __init__(self, cls, choose_rank):
+        self.cls = cls
+        self.choose_rank = choose_rank
+
+    def from_base(self, layer, r=8, **kwargs):
+        return self.cls.from_base(layer, r=self.choose_rank(layer, r), **kwargs)
+
+
+@contextlib.contextmanager
+def _lora_factories(stand_in):
+    """Swap the LoRA layer classes that ``to_lora`` looks up for ``stand_in(cls)``."""
+    tuner_utils = sys.modules["mlx_lm.tuner.utils"]
+    with _lock:
+        saved = {name: getattr(tuner_utils, name) for name in _LORA_FACTORIES}
+        try:
+            for name, cls in saved.items():
+                setattr(tuner_utils, name, stand_in(cls))
+            yield
+        finally:
+            for name, cls in saved.items():
+                setattr(tuner_utils, name, cls)
+
+
+def _linear_to_lora_layers(original, model, num_layers, config, use_dora=False):
+    pattern = (config or {}).get("rank_pattern") or getattr(
+        _pending_rank_pattern, "value", None
+    )
+    if not pattern:
+        return original(model, num_layers, config, use_dora=use_dora)
+    by_id = {}
+    for path, module in model.named_modules():
+        if path in pattern:
+            if hasattr(module, "to_lora"):
+                raise ValueError(
+                    f"{path} ({type(module).__name__}) builds its own LoRA layer; "
+                    "per-module ranks are not supported for it"
+                )
+            by_id[id(module)] = (path, pattern[path])
+    used = set()
+
+    def choose_rank(layer, r):
+        if id(layer) not in by_id:
+            return r
+        path, rank = by_id[id(layer)]
+        used.add(path)
+        return rank
+
+    with _lora_factories(lambda cls: _RankedFactory(cls, choose_rank)):
+        result = original(model, num_layers, config, use_dora=use_dora)
+    unused = sorted(set(pattern) - used)
+    if unused:
+        raise ValueError(
+            f"rank_pattern names {len(unused)} module(s) that were not converted "
+            f"to LoRA (e.g. {', '.join(unused[:3])}); check num_layers and keys"
+        )
+    return result
+
+
+def adapted_modules(model, num_layers, lora_parameters, use_dora=False):
+    """Return ``[(module path, module)]`` that ``linear_to_lora_layers`` would adapt.
+
+    Runs mlx-lm's own selection with factories that hand back the base layer
+    unchanged, so the answer follows mlx-lm's rules exactly and the model,
+    and the random stream, are left untouched.
+    """
+    paths = {id(m): p for p, m in model.named_modules()}
+    custom = [p for p, m in model.named_modules() if hasattr(m, "to_lora")]
+    if custom:
+        raise ValueError(
+            f"{custom[0]} builds its own LoRA layer; per-module ranks are not "
+            "supported for this architecture"
+        )
+    seen = []
+
+    class _Probe:
+        @staticmethod
+        def from_base(layer, **kwargs):
+            seen.append((paths[id(layer)], layer))
+            return layer
+
+    original = sys.modules["mlx_lm.tuner.utils"].linear_to_lora_layers
+    original = getattr(original, "__optiq_original__", original)
+    with _lora_factories(lambda cls: _Probe):
+        original(model, num_layers, dict(lora_parameters), use_dora=use_dora)
+    return seen
+
+
+def describe_module(module):
+    """Plain facts about a base layer: live bits (None if not quantized) and
+    the number of adapter parameters one unit of rank costs on it."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    bits = getattr(module, "bits", None)
+    if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+        out_dims, in_dims = module.weight.shape
+        if bits is not None:
+            in_dims = in_dims * 32 // bits
+        return bits, in_dims + out_dims
+    if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
+        experts, out_dims, in_dims = module.weight.shape
+        if bits is not None:
+            in_dims = in_dims * 32 // bits
+        return bits, experts * (in_dims + out_dims)
+    if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
+        num, dims = module.weight.shape
+        if bits is not None:
+            dims = dims * 32 // bits
+        return bits, num + dims
+    raise ValueError(f"can't size a LoRA adapter for {type(module).__name__}")
+
+
+# -- Loading ------------------------------------------------------------------
+
+
+def _load_adapters(original, model, adapter_path):
+    pattern = _plugin().rank_pattern_for_loading(Path(adapter_path))
+    if not pattern:
+        return original(model, adapter_path)
+    _pending_rank_pattern.value = pattern
+    try:
+        return original(model, adapter_path)
+    finally:
+        _pending_rank_pattern.value = None
+
+
+# -- The mlx_lm.lora command --------------------------------------------------
+
+
+def _build_parser(original):
+    parser = original()
+    _plugin().add_arguments(parser)
+    return parser
+
+
+_active_run = threading.local()
+
+
+def _train_model(original, args, model, train_set, valid_set, training_callback=None):
+    plugin = _plugin()
+    try:
+        plugin.apply_rank_alias(args)
+        if not plugin.requested(args):
+            plugin.resume_rank_pattern(args)
+            return original(args, model, train_set, valid_set, training_callback)
+        run = _prepare_run(plugin, args, model)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"mlx_lm.lora: error: {e}") from None
+    args.lora_parameters = run.lora_parameters
+    _active_run.value = run
+    try:
+        result = original(args, model, train_set, valid_set, training_callback)
+    finally:
+        _active_run.value = None
+    plugin.adapter_saved(args, run)
+    return result
+
+
+def _prepare_run(plugin, args, model):
+    if args.fine_tune_type == "full":
+        raise ValueError("--rank-scaling needs --fine-tune-type lora or dora, not full")
+    targets = [
+        (path, *describe_module(module))
+        for path, module in adapted_modules(
+            model,
+            args.num_layers,
+            plugin.base_lora_parameters(args),
+            use_dora=args.fine_tune_type == "dora",
+        )
+    ]
+    all_paths = [p for p, _ in model.named_modules()]
+    return plugin.prepare_run(args, targets, all_paths)
+
+
+def _save_config(original, config, config_path, **kwargs):
+    run = getattr(_active_run, "value", None)
+    if run is None or Path(config_path).name != "adapter_config.json":
+        return original(config, config_path, **kwargs)
+    _plugin().adapter_config_saving(config, Path(config_path), run, original)
