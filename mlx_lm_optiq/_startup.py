@@ -109,6 +109,7 @@ def _refuse_if_requested(module_name):
 
 
 def _rank_scaling_requested(argv):
+    argv = argv[1:]
     if any(a == "--rank-scaling" or a.startswith("--rank-scaling=") for a in argv):
         return True
     for flag in ("-c", "--config"):

@@ -205,7 +205,11 @@ def module_facts(targets, all_paths, sources, report=print) -> Dict[str, ModuleF
                     f"modules: {_examples(wanted[k] for k in missing)}"
                 )
 
-    any_quantized = any(bits is not None for _, bits in targets)
+    # In a quantized model, a module nobody records as quantized is a kept
+    # float module, which OptiQ records as 16 bits.
+    any_quantized = any(b is not None for _, b in targets) or any(
+        s.bits for s in sources
+    )
     facts = {}
     for path, live_bits in targets:
         key = canonical(path)

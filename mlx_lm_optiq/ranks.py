@@ -108,11 +108,15 @@ def match_budget(ranks, units, base_rank):
             hi = mid
     result = scaled(lo)
     spent = parameter_count(result, units)
-    by_remainder = sorted(ranks, key=lambda p: (ranks[p] * lo - result[p]), reverse=True)
-    for p in by_remainder:
-        if spent + units[p] <= budget:
-            result[p] += 1
-            spent += units[p]
+    by_remainder = sorted(ranks, key=lambda p: ranks[p] * lo - result[p], reverse=True)
+    grew = True
+    while grew:
+        grew = False
+        for p in by_remainder:
+            if spent + units[p] <= budget:
+                result[p] += 1
+                spent += units[p]
+                grew = True
     return result
 
 

@@ -65,6 +65,7 @@ def on_import(module):
         tuner_utils = sys.modules["mlx_lm.tuner.utils"]
         for name in ("linear_to_lora_layers", "load_adapters"):
             _rebind(module, name, tuner_utils)
+        _rebind(sys.modules["mlx_lm.tuner"], "linear_to_lora_layers", tuner_utils)
         _wrap(module, "build_parser", _build_parser)
         _wrap(module, "train_model", _train_model)
         _wrap(module, "save_config", _save_config)
@@ -102,9 +103,8 @@ def _rebind(module, attr, source):
         wrapper = getattr(source, attr)
         if current is None or not hasattr(wrapper, "__optiq_original__"):
             raise UnsupportedMlxLm(f"{module.__name__}.{attr} can't be patched")
-        if current is not wrapper:
-            _patched[(module.__name__, attr)] = current
-            setattr(module, attr, wrapper)
+        _patched[(module.__name__, attr)] = getattr(current, "__optiq_original__", current)
+        setattr(module, attr, wrapper)
 
 
 def _plugin():

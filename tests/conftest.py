@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import tiny_model  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+# A short, deterministic training run on the tiny model.
+TRAIN_ARGS = [
+    "--train",
+    "--iters", "4",
+    "--batch-size", "2",
+    "--val-batches", "1",
+    "--steps-per-eval", "100",
+    "--steps-per-report", "2",
+    "--num-layers", "2",
+    "--learning-rate", "1e-3",
+    "--seed", "3",
+]  # fmt: skip
+
+
+def run(cmd, env=None, check=True, timeout=300, cwd=None):
+    """Run ``cmd`` (a list) with the test interpreter's tools on PATH."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    full_env.pop("MLX_LM_OPTIQ_DISABLE", None)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def lora(*args, env=None, check=True):
+    """The real ``mlx_lm.lora`` console script in a subprocess."""
+    return run([BIN / "mlx_lm.lora", *args], env=env, check=check)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def mixed_model(models):
+    return tiny_model.build_model(models / "llama-mixed", quantize="mixed")
+
+
+@pytest.fixture(scope="session")
+def fp_model(models):
+    return tiny_model.build_model(models / "llama-fp", quantize=None)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tiny_model.build_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def by_bits_adapter(tmp_path_factory, mixed_model, data_dir):
+    """An adapter trained through the CLI with ``--rank-scaling by_bits``."""
+    out = tmp_path_factory.mktemp("adapters") / "by_bits"
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_bits", "--rank", "4", "--adapter-path", out,
+    )  # fmt: skip
+    out.joinpath("train.log").write_text(proc.stdout + proc.stderr)
+    return out
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def expected_by_bits(model_path, base_rank, layers):
+    """Ranks by_bits must give the tiny mixed model's last ``layers`` blocks."""
+    n = read_json(Path(model_path) / "config.json")["num_hidden_layers"]
+    return {
+        path: base_rank * (2 if path.endswith(tiny_model.EIGHT_BIT) else 1)
+        for path in tiny_model.linear_dims(model_path)
+        if int(path.split(".")[2]) >= n - layers
+    }

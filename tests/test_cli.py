@@ -1,0 +1,238 @@
+"""The stock ``mlx_lm.lora`` command, in a subprocess, with the plugin installed."""
+
+import json
+
+import mlx.core as mx
+import pytest
+import tiny_model
+from conftest import (
+    BIN,
+    TRAIN_ARGS,
+    expected_by_bits,
+    lora,
+    read_json,
+    run,
+)
+
+from mlx_lm_optiq.adapter_read import mlx_ranks, read_safetensors_header
+
+
+def test_help_explains_the_new_options():
+    out = " ".join(lora("--help").stdout.split())
+    for option in ("--rank-scaling", "{constant,by_bits,by_kl}", "--rank ", "--rank-budget"):
+        assert option in out
+    assert "8-bit modules get twice the rank" in out
+
+
+def test_by_bits_gives_8bit_modules_twice_the_rank(by_bits_adapter, mixed_model):
+    shapes = read_safetensors_header(by_bits_adapter / "adapters.safetensors")
+    expected = expected_by_bits(mixed_model, base_rank=4, layers=2)
+    assert mlx_ranks(shapes) == expected
+    assert sorted(set(expected.values())) == [4, 8]
+
+    # trainable parameters: sum of r_i * (in_i + out_i)
+    dims = tiny_model.linear_dims(mixed_model)
+    trainable = sum(r * sum(dims[p]) for p, r in expected.items())
+    constant = sum(4 * sum(dims[p]) for p in expected)
+    assert sum(v[0] * v[1] for v in shapes.values()) == trainable == 10496
+    assert constant == 8192
+
+    log = (by_bits_adapter / "train.log").read_text()
+    assert "rank distribution: {4: 10, 8: 4} across 14 adapted modules" in log
+    assert f"adapter parameters: {trainable:,}" in log
+    assert f"the {constant:,} of constant rank 4" in log
+
+
+def test_adapter_config_has_rank_pattern_and_peft_keys(by_bits_adapter, mixed_model):
+    config = read_json(by_bits_adapter / "adapter_config.json")
+    expected = expected_by_bits(mixed_model, base_rank=4, layers=2)
+    lora_parameters = config["lora_parameters"]
+    assert lora_parameters["rank"] == 4
+    assert lora_parameters["rank_pattern"] == expected
+    assert config["rank_scaling"] == "by_bits"
+    # PEFT: alpha_i = scale * r_i, exact module paths
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["r"] == 4 and config["lora_alpha"] == 20.0 * 4
+    assert config["target_modules"] == sorted(expected)
+    eight = {p: r for p, r in expected.items() if r == 8}
+    assert config["rank_pattern"] == eight
+    assert config["alpha_pattern"] == {p: 20.0 * 8 for p in eight}
+    assert config["base_model_name_or_path"] == str(mixed_model)
+
+
+def test_sidecar_records_every_module(by_bits_adapter, mixed_model):
+    sidecar = read_json(by_bits_adapter / "optiq_lora_config.json")
+    assert sidecar["rank_scaling"] == "by_bits"
+    assert sidecar["base_rank"] == 4 and sidecar["scale"] == 20.0
+    assert sidecar["rank_distribution"] == {"4": 10, "8": 4}
+    assert sidecar["trainable_parameters"] == 10496
+    assert sidecar["constant_rank_parameters"] == 8192
+    v_proj = sidecar["modules"]["model.layers.3.self_attn.v_proj"]
+    assert v_proj == {
+        "rank": 8,
+        "bits": 8,
+        "bits_source": "config.json",
+        "kl": None,
+        "kl_source": None,
+    }
+    assert sidecar["metadata_files"][0]["file"] == "config.json"
+    assert len(sidecar["metadata_files"][0]["sha256"]) == 64
+    assert set(sidecar["versions"]) == {"mlx_lm_optiq", "mlx_lm", "mlx"}
+
+
+def test_constant_is_byte_identical_to_stock(tmp_path, mixed_model, data_dir):
+    common = ["--model", mixed_model, "--data", data_dir, *TRAIN_ARGS]
+    stock = tmp_path / "stock"
+    ours = tmp_path / "constant"
+    lora(*common, "--adapter-path", stock, env={"MLX_LM_OPTIQ_DISABLE": "1"})
+    proc = lora(*common, "--rank-scaling", "constant", "--adapter-path", ours)
+    assert "rank distribution: {8: 14} across 14 adapted modules" in proc.stdout
+    stock_bytes = (stock / "adapters.safetensors").read_bytes()
+    assert (ours / "adapters.safetensors").read_bytes() == stock_bytes
+    # the adapter did train: it is not the zero-initialized lora_b
+    weights = mx.load(str(ours / "adapters.safetensors"))
+    assert mx.abs(weights["model.layers.3.self_attn.q_proj.lora_b"]).max().item() > 0
+    assert not (stock / "optiq_lora_config.json").exists()
+
+
+def test_without_the_option_mlx_lm_is_untouched(tmp_path, mixed_model, data_dir):
+    out = tmp_path / "plain"
+    proc = lora("--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--adapter-path", out)
+    assert "rank distribution" not in proc.stdout
+    assert not (out / "optiq_lora_config.json").exists()
+    config = read_json(out / "adapter_config.json")
+    assert "rank_pattern" not in config["lora_parameters"]
+    assert "peft_type" not in config
+
+
+def test_python_dash_m_and_yaml_config(tmp_path, mixed_model, data_dir):
+    config = tmp_path / "config.yaml"
+    out = tmp_path / "yaml"
+    config.write_text(
+        f"model: {mixed_model}\n"
+        f"data: {data_dir}\n"
+        f"adapter_path: {out}\n"
+        "rank_scaling: by_bits\n"
+        "lora_parameters:\n  rank: 2\n  scale: 10.0\n  dropout: 0.0\n"
+    )
+    proc = run([BIN / "python", "-m", "mlx_lm", "lora", "-c", config, *TRAIN_ARGS])
+    assert "rank distribution: {2: 10, 4: 4} across 14 adapted modules" in proc.stdout
+    ranks = mlx_ranks(read_safetensors_header(out / "adapters.safetensors"))
+    assert ranks == expected_by_bits(mixed_model, base_rank=2, layers=2)
+    assert read_json(out / "adapter_config.json")["alpha_pattern"][
+        "model.layers.3.mlp.down_proj"
+    ] == 10.0 * 4
+
+
+def test_disable_switch_gives_stock_back(mixed_model, data_dir, tmp_path):
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_bits", "--adapter-path", tmp_path / "x",
+        env={"MLX_LM_OPTIQ_DISABLE": "1"}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --rank-scaling by_bits" in proc.stderr
+
+
+def test_by_bits_on_a_float_model_explains(fp_model, data_dir, tmp_path):
+    proc = lora(
+        "--model", fp_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_bits", "--adapter-path", tmp_path / "x", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "by_bits needs quantization information" in proc.stderr
+    assert "--rank-scaling constant" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_by_kl_reads_sensitivity_json(tmp_path, mixed_model, data_dir, models):
+    model = tiny_model.build_model(models / "llama-kl", quantize="mixed")
+    kls = {}
+    for i, path in enumerate(sorted(tiny_model.linear_dims(model))):
+        # q_proj is 4x as sensitive as the median, k_proj 1/4: clipped to 2x, 0.5x
+        kls[path] = {"q_proj": 4.0, "k_proj": 0.25}.get(path.rsplit(".", 1)[-1], 1.0)
+    (model / "optiq").mkdir()
+    (model / "optiq" / "sensitivity.json").write_text(
+        json.dumps(
+            {
+                "metric": "kl_divergence_vs_reference",
+                "candidate_bits": [4, 8],
+                "layers": [
+                    {
+                        "layer_name": f"language_model.{p}",  # any wrapper prefix
+                        "sensitivities": {"4": kl, "8": kl / 10},
+                        "param_count": 1,
+                    }
+                    for p, kl in kls.items()
+                ],
+            }
+        )
+    )
+    out = tmp_path / "kl"
+    proc = lora(
+        "--model", model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_kl", "--rank", "4", "--adapter-path", out,
+    )  # fmt: skip
+    assert "rank distribution: {2: 2, 4: 10, 8: 2} across 14 adapted modules" in proc.stdout
+    ranks = mlx_ranks(read_safetensors_header(out / "adapters.safetensors"))
+    assert ranks["model.layers.3.self_attn.q_proj"] == 8
+    assert ranks["model.layers.3.self_attn.k_proj"] == 2
+    assert ranks["model.layers.3.mlp.down_proj"] == 4
+    sidecar = read_json(out / "optiq_lora_config.json")
+    q = sidecar["modules"]["model.layers.2.self_attn.q_proj"]
+    assert q["kl"] == 4.0 and q["kl_source"] == "optiq/sensitivity.json"
+
+
+def test_by_kl_without_kl_falls_back_to_by_bits(tmp_path, mixed_model, data_dir):
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_kl", "--rank", "4", "--adapter-path", tmp_path / "a",
+    )  # fmt: skip
+    assert "by_kl falls back to by_bits" in proc.stdout
+    assert "rank distribution: {4: 10, 8: 4}" in proc.stdout
+
+
+def test_rank_budget_match_stays_under_constant(tmp_path, mixed_model, data_dir):
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_bits", "--rank", "4", "--rank-budget", "match",
+        "--adapter-path", tmp_path / "m",
+    )  # fmt: skip
+    shapes = read_safetensors_header(tmp_path / "m" / "adapters.safetensors")
+    trainable = sum(a * b for a, b in shapes.values())
+    assert 8192 - 96 < trainable <= 8192  # within one module's rank step
+    ranks = mlx_ranks(shapes)
+    assert ranks["model.layers.3.self_attn.v_proj"] > ranks["model.layers.3.self_attn.q_proj"]
+    assert f"adapter parameters: {trainable:,}" in proc.stdout
+
+
+def test_resume_mixed_rank_adapter(tmp_path, by_bits_adapter, mixed_model, data_dir):
+    resume = by_bits_adapter / "adapters.safetensors"
+    out = tmp_path / "resumed"
+    # without --rank-scaling: the file's own ranks are rebuilt
+    lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--rank", "4",
+        "--resume-adapter-file", resume, "--adapter-path", out,
+    )  # fmt: skip
+    assert mlx_ranks(read_safetensors_header(out / "adapters.safetensors")) == mlx_ranks(
+        read_safetensors_header(resume)
+    )
+    # with a policy that disagrees with the file: refused, before training
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "constant", "--rank", "4",
+        "--resume-adapter-file", resume, "--adapter-path", tmp_path / "bad", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "other ranks than this run chooses" in proc.stderr
+    assert str(resume) in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["--rank=0", "--rank=-3"])
+def test_bad_rank_is_refused(bad, mixed_model, data_dir, tmp_path):
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_bits", bad, "--adapter-path", tmp_path / "x", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "rank must be a positive integer" in proc.stderr

@@ -1,0 +1,145 @@
+"""The start-up shim: activation, reversibility, version guard, packaging."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import mlx_lm.lora
+import mlx_lm.tuner
+import mlx_lm.tuner.utils as tuner_utils
+import pytest
+from conftest import ROOT, run
+
+from mlx_lm_optiq import _startup, shim
+
+WRAPPED = [
+    (tuner_utils, "linear_to_lora_layers"),
+    (tuner_utils, "load_adapters"),
+    (mlx_lm.lora, "linear_to_lora_layers"),
+    (mlx_lm.lora, "load_adapters"),
+    (mlx_lm.lora, "build_parser"),
+    (mlx_lm.lora, "train_model"),
+    (mlx_lm.lora, "save_config"),
+]
+
+
+def test_wrappers_are_installed_where_names_are_looked_up():
+    for module, name in WRAPPED:
+        assert hasattr(getattr(module, name), "__optiq_original__"), (module, name)
+    assert mlx_lm.lora.load_adapters is tuner_utils.load_adapters
+    # mlx_lm/tuner/__init__.py imported the name after the hook ran
+    assert mlx_lm.tuner.linear_to_lora_layers is tuner_utils.linear_to_lora_layers
+
+
+def test_uninstall_restores_and_install_is_idempotent():
+    originals = {(m.__name__, n): getattr(m, n).__optiq_original__ for m, n in WRAPPED}
+    _startup.uninstall()
+    try:
+        for module, name in WRAPPED:
+            assert getattr(module, name) is originals[(module.__name__, name)]
+        assert not any(isinstance(f, _startup.PostImportFinder) for f in sys.meta_path)
+    finally:
+        _startup.install()
+        _startup.install()
+    for module, name in WRAPPED:
+        wrapper = getattr(module, name)
+        assert wrapper.__optiq_original__ is originals[(module.__name__, name)]
+    assert sum(isinstance(f, _startup.PostImportFinder) for f in sys.meta_path) == 1
+
+
+def test_wrappers_pass_through_when_nothing_is_asked(monkeypatch):
+    parser = mlx_lm.lora.build_parser()
+    args = parser.parse_args(["--model", "m"])
+    assert args.rank_scaling is None and args.rank is None
+    from mlx_lm_optiq import plugin
+
+    assert not plugin.requested(args)
+
+
+def test_unsupported_version_is_refused(monkeypatch):
+    monkeypatch.setattr(mlx_lm, "__version__", "0.40.1")
+    with pytest.raises(shim.UnsupportedMlxLm, match=r"mlx-lm 0.40.1 is not supported .*>=0.32.2,<0.33.0"):
+        shim.on_import(mlx_lm.lora)
+
+
+UNSUPPORTED = (
+    "import sys, mlx_lm; mlx_lm.__version__ = '0.40.1'; sys.argv[1:] = {argv!r}; "
+    "import mlx_lm.lora; print('wrapped' if hasattr(mlx_lm.lora.train_model, "
+    "'__optiq_original__') else 'stock')"
+)
+
+
+def test_unsupported_version_fails_open_with_one_line():
+    proc = run([sys.executable, "-c", UNSUPPORTED.format(argv=["--train"])])
+    assert proc.stdout.strip() == "stock"
+    assert proc.stderr.strip().splitlines() == [
+        "mlx-lm-optiq: not active, mlx-lm runs unmodified (UnsupportedMlxLm: "
+        "mlx-lm 0.40.1 is not supported by mlx-lm-optiq 0.1.0 (needs >=0.32.2,<0.33.0))"
+    ]
+
+
+def test_unsupported_version_with_rank_scaling_stops(tmp_path):
+    proc = run([sys.executable, "-c", UNSUPPORTED.format(argv=["--rank-scaling", "by_bits"])], check=False)
+    assert proc.returncode == 1
+    assert "--rank-scaling was asked for, but the plugin could not hook into mlx-lm" in proc.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text("model: m\nrank_scaling: by_kl\n")
+    proc = run([sys.executable, "-c", UNSUPPORTED.format(argv=["-c", str(config)])], check=False)
+    assert proc.returncode == 1 and "could not hook into mlx-lm" in proc.stderr
+
+
+def test_python_start_is_silent_and_light():
+    proc = run([sys.executable, "-c", "pass"])
+    assert proc.stdout == proc.stderr == ""
+    proc = run([sys.executable, "-X", "importtime", "-c", "pass"])
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
+    assert "mlx_lm_optiq._startup" in imported
+    for heavy in ("mlx", "mlx.core", "numpy", "pluggy", "mlx_lm"):
+        assert heavy not in imported
+
+
+def test_disable_switch():
+    code = "import sys; print(any(type(f).__name__ == 'PostImportFinder' for f in sys.meta_path))"
+    assert run([sys.executable, "-c", code]).stdout.strip() == "True"
+    proc = run([sys.executable, "-c", code], env={"MLX_LM_OPTIQ_DISABLE": "1"})
+    assert proc.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    """A fresh virtualenv with nothing but pip."""
+    path = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    return path
+
+
+def _site_packages(venv):
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+def _build(kind, out):
+    code = f"from hatchling.build import build_{kind}; print(build_{kind}({str(out)!r}))"
+    name = run([sys.executable, "-c", code], cwd=ROOT).stdout.strip().splitlines()[-1]
+    return out / name
+
+
+FINDER = "import sys; print([type(f).__name__ for f in sys.meta_path][0])"
+
+
+@pytest.mark.parametrize("kind", ["wheel", "editable"])
+def test_pip_install_activates_and_uninstall_removes(venv, tmp_path, kind):
+    wheel = _build(kind, tmp_path)
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "mlx_lm_optiq.pth" in names
+    python, pip = venv / "bin" / "python", [venv / "bin" / "python", "-m", "pip", "-q"]
+    run([*pip, "install", "--no-deps", "--no-index", wheel])
+    pth = _site_packages(venv) / "mlx_lm_optiq.pth"
+    assert pth.read_text() == (ROOT / "mlx_lm_optiq.pth").read_text()
+    # no mlx in this venv: start-up is still silent and the finder is in place
+    proc = run([python, "-c", FINDER], cwd=tmp_path)
+    assert proc.stdout.strip() == "PostImportFinder" and proc.stderr == ""
+    run([*pip, "uninstall", "-y", "mlx-lm-optiq"])
+    assert not pth.exists()
+    proc = run([python, "-c", FINDER], cwd=tmp_path)
+    assert proc.stdout.strip() != "PostImportFinder" and proc.stderr == ""
