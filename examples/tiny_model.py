@@ -4,7 +4,7 @@ Used by ``examples/train_tiny.py`` and by the tests. The model is a real
 mlx-lm architecture (Llama or Qwen2, GQA) with random weights, quantized the
 way a mixed-precision quantizer leaves a model: most projections at 4 bits,
 the sensitive ones (here ``v_proj`` and ``down_proj``) kept at 8. The
-tokenizer is a ``tokenizers`` WordLevel model saved as ``tokenizer.json``.
+tokenizer is a ``tokenizers`` byte-level BPE trained on the toy corpus.
 """
 
 import json
@@ -23,6 +23,7 @@ WORDS = (
 ).split()
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
+VOCAB_SIZE = 400
 EIGHT_BIT = ("self_attn.v_proj", "mlp.down_proj")
 GROUP_SIZE = 32
 
@@ -36,7 +37,7 @@ def model_config(arch="llama", layers=4, hidden=64, intermediate=128):
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5,
-        "vocab_size": len(SPECIAL) + len(WORDS),
+        "vocab_size": VOCAB_SIZE,
         "max_position_embeddings": 512,
         "rope_theta": 10000.0,
         "tie_word_embeddings": True,
@@ -59,12 +60,26 @@ def mixed_predicate(path, module):
     return {"bits": bits, "group_size": GROUP_SIZE}
 
 
-def save_tokenizer(path: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def save_tokenizer(path: Path, vocab_size=VOCAB_SIZE):
+    """A byte-level BPE tokenizer trained on the toy corpus, as ``tokenizer.json``.
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    Byte-level BPE is what transformers' per-architecture tokenizer classes
+    (e.g. ``Qwen2Tokenizer``) rebuild from ``tokenizer.json``, so the same
+    files tokenize the same way whichever class loads them.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    rng = random.Random(0)
+    tokenizer.train_from_iterator([sentence(rng) for _ in range(2000)], trainer)
     tokenizer.save(str(path / "tokenizer.json"))
     with open(path / "tokenizer_config.json", "w") as f:
         json.dump(

@@ -9,6 +9,8 @@ read, so this module needs neither mlx nor numpy.
 """
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +194,82 @@ def read_adapter(path) -> AdapterSummary:
         units=units,
         modules=sidecar.get("modules") or {},
     )
+
+
+def is_peft_dir(adapter_dir) -> bool:
+    """A PEFT adapter directory (and not one of ours, which holds both layouts)."""
+    adapter_dir = Path(adapter_dir)
+    return (adapter_dir / PEFT_WEIGHTS).is_file() and not (adapter_dir / MLX_WEIGHTS).is_file()
+
+
+def peft_pattern_key(patterns, path):
+    """The first key of a PEFT ``rank_pattern``/``alpha_pattern`` that names ``path``.
+
+    PEFT treats each key as a regex matched against the end of the module
+    path on a dot boundary, first key first.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+# adapter_config.json keys of PEFT LoRA variants that mlx-lm's LoRALinear can't compute.
+UNSUPPORTED_PEFT = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "lora_bias",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "modules_to_save": "modules_to_save",
+    "trainable_token_indices": "trainable_token_indices",
+    "layer_replication": "layer_replication",
+}
+
+
+def peft_import_plan(adapter_dir):
+    """How to rebuild a PEFT LoRA adapter in mlx-lm.
+
+    Returns:
+        ``({module path: (rank, scale)}, dropout)`` where ``scale`` is what
+        PEFT multiplies that module by: ``alpha / r``, or ``alpha / sqrt(r)``
+        with ``use_rslora``.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_file, weights = adapter_dir / CONFIG, adapter_dir / PEFT_WEIGHTS
+    config = read_json(config_file)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{config_file}: peft_type {config['peft_type']} is not supported, only LORA")
+    for key, feature in UNSUPPORTED_PEFT.items():
+        if config.get(key):
+            raise AdapterFileError(f"{config_file}: {feature} is not supported by mlx-lm LoRA layers")
+    if config.get("bias", "none") != "none":
+        raise AdapterFileError(f"{config_file}: bias={config['bias']!r} is not supported, only 'none'")
+    shapes = read_safetensors_header(weights)
+    for name, shape in shapes.items():
+        if "lora_embedding_" in name:
+            raise AdapterFileError(f"{weights}: embedding adapters ({name}) are not supported")
+        if "lora_magnitude_vector" in name:
+            raise AdapterFileError(f"{weights}: DoRA tensors ({name}) are not supported")
+        if name.endswith((".lora_A.weight", ".lora_B.weight")) and len(shape) != 2:
+            raise AdapterFileError(f"{weights}: {name} is not a 2-D linear adapter (MoE?)")
+    ranks = peft_ranks(shapes)
+    if not ranks:
+        raise AdapterFileError(f"{weights}: no LoRA tensors (…lora_A.weight)")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    base_r, base_alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    plan = {}
+    for path, rank in ranks.items():
+        key = peft_pattern_key(rank_pattern, path)
+        expected = rank_pattern[key] if key else base_r
+        if expected != rank:
+            raise AdapterFileError(
+                f"{weights}: {path} has rank {rank} but {config_file.name} says {expected}"
+            )
+        key = peft_pattern_key(alpha_pattern, path)
+        alpha = alpha_pattern[key] if key else base_alpha
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        plan[path] = (rank, scale)
+    return plan, config.get("lora_dropout", 0.0)
 
 
 def rank_pattern_for_mlx(adapter_dir: Path) -> Optional[Dict[str, int]]:

@@ -29,7 +29,10 @@ SIDECAR_FORMAT = 1
 def atomic_write(path: Path, write):
     """Call ``write(tmp_path)``, then rename ``tmp_path`` over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The real suffix last: mx.save_safetensors appends one when it is missing.
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}"
+    )
     os.close(fd)
     try:
         write(tmp)
@@ -49,29 +52,80 @@ def atomic_write_json(path: Path, obj):
     atomic_write(path, write)
 
 
-def peft_config_keys(run):
-    """The PEFT ``LoraConfig`` keys for the run's adapter.
+# Architectures whose mlx-lm module paths are the transformers ones, so a
+# PEFT adapter can name the same modules. PEFT silently skips a path that
+# matches nothing, so an architecture is listed only once checked.
+PEFT_SAME_PATHS = ("llama", "mistral", "qwen2", "qwen3")
+PEFT_PREFIX = "base_model.model."
+
+
+class PeftExportError(ValueError):
+    pass
+
+
+def check_peft_architecture(model_type):
+    if model_type not in PEFT_SAME_PATHS:
+        raise PeftExportError(
+            f"model_type {model_type!r}: its mlx-lm module paths are not verified to "
+            f"match transformers' (verified: {', '.join(PEFT_SAME_PATHS)}); "
+            "no PEFT files are written for it"
+        )
+
+
+def peft_config(ranks, base_rank, scale, dropout=0.0, base_model=None):
+    """PEFT ``LoraConfig`` keys for per-module ``ranks`` trained with mlx-lm ``scale``.
 
     PEFT scales each module by ``lora_alpha / r`` while mlx-lm multiplies by
     ``scale`` whatever the rank, so the alpha for module ``i`` is
     ``scale * r_i``. Patterns use exact full module paths, never regexes that
     could overlap.
     """
-    scale = run.lora_parameters["scale"]
-    base = run.base_rank
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": run.base_model,
-        "r": base,
-        "lora_alpha": scale * base,
-        "lora_dropout": run.lora_parameters.get("dropout", 0.0),
+        "base_model_name_or_path": base_model,
+        "r": base_rank,
+        "lora_alpha": scale * base_rank,
+        "lora_dropout": dropout,
         "bias": "none",
         "fan_in_fan_out": False,
-        "target_modules": sorted(run.ranks),
-        "rank_pattern": {p: r for p, r in run.ranks.items() if r != base},
-        "alpha_pattern": {p: scale * r for p, r in run.ranks.items() if r != base},
+        "target_modules": sorted(ranks),
+        "rank_pattern": {p: r for p, r in ranks.items() if r != base_rank},
+        "alpha_pattern": {p: scale * r for p, r in ranks.items() if r != base_rank},
     }
+
+
+def peft_config_keys(run):
+    """The PEFT keys that go into a run's ``adapter_config.json``."""
+    return peft_config(
+        run.ranks,
+        run.base_rank,
+        run.lora_parameters["scale"],
+        run.lora_parameters.get("dropout", 0.0),
+        run.base_model,
+    )
+
+
+def to_peft_tensors(tensors):
+    """mlx-lm LoRA tensors -> PEFT's: ``lora_a (in, r)`` -> ``lora_A.weight (r, in)``."""
+    leaves = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+    out = {}
+    for name, w in tensors.items():
+        module, leaf = name.rsplit(".", 1)
+        if leaf not in leaves:
+            raise PeftExportError(f"{name}: only plain LoRA exports to PEFT (not DoRA)")
+        if w.ndim != 2:
+            raise PeftExportError(f"{name}: switch (MoE) adapters have no PEFT layout")
+        out[f"{PEFT_PREFIX}{module}.{leaves[leaf]}"] = w.T
+    return out
+
+
+def write_peft_weights(mlx_weights: Path, out: Path):
+    """Write ``adapter_model.safetensors`` (PEFT layout) from ``adapters.safetensors``."""
+    import mlx.core as mx
+
+    tensors = {k: mx.contiguous(v) for k, v in to_peft_tensors(mx.load(str(mlx_weights))).items()}
+    atomic_write(out, lambda tmp: mx.save_safetensors(tmp, tensors, metadata={"format": "pt"}))
 
 
 def sidecar(run):
@@ -92,6 +146,7 @@ def sidecar(run):
     return {
         "format": SIDECAR_FORMAT,
         "base_model": run.base_model,
+        "model_type": run.model_type,
         "rank_scaling": run.scaling,
         "rank_budget": run.budget,
         "base_rank": run.base_rank,

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import RANK_BUDGET_CHOICES, RANK_SCALING_CHOICES, adapter_read, adapter_write
+from .adapter_read import is_peft_dir, peft_import_plan  # noqa: F401 - call sites
+from .adapter_write import PeftExportError, check_peft_architecture
 from .metadata import module_facts, read_sources
 from .ranks import RankPolicyError, assign, describe
 
@@ -32,6 +34,7 @@ class Run:
     facts: dict
     sources: list = field(default_factory=list)
     adapter_path: Optional[Path] = None
+    model_type: Optional[str] = None
 
 
 def add_arguments(parser):
@@ -135,6 +138,7 @@ def prepare_run(args, targets, all_paths, report=print) -> Run:
     base_rank = params["rank"]
     model_dir = resolve_model_dir(args.model)
     sources = read_sources(model_dir)
+    model_type = _model_type(model_dir)
     facts = module_facts([(p, b) for p, b, _ in targets], all_paths, sources, report)
     units = {p: u for p, _, u in targets}
     ranks = assign(scaling, base_rank, facts, units, budget, report)
@@ -154,7 +158,15 @@ def prepare_run(args, targets, all_paths, report=print) -> Run:
         facts=facts,
         sources=sources,
         adapter_path=Path(args.adapter_path),
+        model_type=model_type,
     )
+
+
+def _model_type(model_dir):
+    try:
+        return adapter_read.read_json(model_dir / "config.json").get("model_type")
+    except (OSError, TypeError, ValueError):
+        return None
 
 
 def _check_resume(resume_file, ranks):
@@ -198,10 +210,20 @@ def adapter_config_saving(config, config_path, run, save):
         )
 
 
-# Writers run, in order, once the final adapters.safetensors is on disk. The
-# PEFT-layout export slots in here.
+def write_peft_layout(run, weights, report=print):
+    """``adapter_model.safetensors`` beside mlx-lm's weights, where PEFT can use it."""
+    try:
+        check_peft_architecture(run.model_type)
+    except PeftExportError as e:
+        report(f"note: {e}")
+        return
+    adapter_write.write_peft_weights(weights, weights.parent / adapter_read.PEFT_WEIGHTS)
+
+
+# Writers run, in order, once the final adapters.safetensors is on disk.
 AFTER_SAVE: List = [
     lambda run, weights: adapter_write.check_finite(weights),
+    write_peft_layout,
 ]
 
 

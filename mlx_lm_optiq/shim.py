@@ -220,6 +220,13 @@ def adapted_modules(model, num_layers, lora_parameters, use_dora=False):
     return seen
 
 
+def _linear_dims(module):
+    out_dims, in_dims = module.weight.shape
+    if isinstance(module, nn.QuantizedLinear):
+        in_dims = in_dims * 32 // module.bits
+    return in_dims, out_dims
+
+
 def describe_module(module):
     """Plain facts about a base layer: live bits (None if not quantized) and
     the number of adapter parameters one unit of rank costs on it."""
@@ -227,10 +234,7 @@ def describe_module(module):
 
     bits = getattr(module, "bits", None)
     if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-        out_dims, in_dims = module.weight.shape
-        if bits is not None:
-            in_dims = in_dims * 32 // bits
-        return bits, in_dims + out_dims
+        return bits, sum(_linear_dims(module))
     if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
         experts, out_dims, in_dims = module.weight.shape
         if bits is not None:
@@ -248,6 +252,8 @@ def describe_module(module):
 
 
 def _load_adapters(original, model, adapter_path):
+    if _plugin().is_peft_dir(Path(adapter_path)):
+        return load_peft_adapter(model, Path(adapter_path))
     pattern = _plugin().rank_pattern_for_loading(Path(adapter_path))
     if not pattern:
         return original(model, adapter_path)
@@ -256,6 +262,51 @@ def _load_adapters(original, model, adapter_path):
         return original(model, adapter_path)
     finally:
         _pending_rank_pattern.value = None
+
+
+def load_peft_adapter(model, adapter_dir):
+    """Build and load a PEFT LoRA adapter directory into an mlx-lm model.
+
+    Every module and tensor shape is checked before the model is changed, so
+    an adapter for another base model is refused with the model untouched.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    plugin = _plugin()
+    plan, dropout = plugin.peft_import_plan(adapter_dir)
+    plugin.check_peft_architecture(getattr(model, "model_type", None))
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    weights = mx.load(str(weights_file))
+    modules = dict(model.named_modules())
+    layers, tensors = [], []
+    for path, (rank, scale) in plan.items():
+        module = modules.get(path)
+        if module is None:
+            raise ValueError(f"{weights_file}: {path} is not a module of this model")
+        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            raise ValueError(
+                f"{weights_file}: {path} is a {type(module).__name__}; only linear "
+                "layers take PEFT LoRA adapters here (no embedding or MoE adapters)"
+            )
+        prefix = f"base_model.model.{path}"
+        lora_a = weights[f"{prefix}.lora_A.weight"].T
+        lora_b = weights[f"{prefix}.lora_B.weight"].T
+        in_dims, out_dims = _linear_dims(module)
+        if lora_a.shape != (in_dims, rank) or lora_b.shape != (rank, out_dims):
+            raise ValueError(
+                f"{weights_file}: {path} adapts a {in_dims}->{out_dims} layer but its "
+                f"tensors are {tuple(lora_a.shape)} and {tuple(lora_b.shape)}; "
+                "is this adapter for another base model?"
+            )
+        layers.append(
+            (path, LoRALinear.from_base(module, r=rank, scale=scale, dropout=dropout))
+        )
+        tensors += [(f"{path}.lora_a", lora_a), (f"{path}.lora_b", lora_b)]
+    model.update_modules(tree_unflatten(layers))
+    model.load_weights(tensors, strict=False)
+    return model
 
 
 # -- The mlx_lm.lora command --------------------------------------------------

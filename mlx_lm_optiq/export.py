@@ -1,0 +1,219 @@
+"""Export an adapter for other loaders: ``python -m mlx_lm_optiq.export DIR``.
+
+``--peft OUT`` writes a clean PEFT-only directory (``adapter_config.json`` with
+only PEFT's keys, ``adapter_model.safetensors``). ``--pad OUT`` writes a
+uniform-rank mlx-lm adapter that stock mlx-lm loads without the plugin: every
+module is zero-padded to the largest rank, which computes the same function,
+and per-module scales are folded into ``lora_b``. Either output is built in a
+temporary directory and renamed into place, so a failure leaves nothing behind.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from . import adapter_read
+from .adapter_read import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, AdapterFileError
+from .adapter_write import (
+    SIDECAR,
+    PeftExportError,
+    atomic_write_json,
+    check_peft_architecture,
+    peft_config,
+    to_peft_tensors,
+)
+
+
+def load_modules(adapter_dir):
+    """``{module path: (lora_a (in, r), lora_b (r, out), scale)}`` and the dropout.
+
+    Reads our adapters, stock mlx-lm ones and PEFT ones alike.
+    """
+    import mlx.core as mx
+
+    adapter_dir = Path(adapter_dir)
+    if adapter_read.is_peft_dir(adapter_dir):
+        plan, dropout = adapter_read.peft_import_plan(adapter_dir)
+        weights = mx.load(str(adapter_dir / PEFT_WEIGHTS))
+        modules = {}
+        for path, (rank, scale) in plan.items():
+            prefix = f"base_model.model.{path}"
+            modules[path] = (
+                weights[f"{prefix}.lora_A.weight"].T,
+                weights[f"{prefix}.lora_B.weight"].T,
+                scale,
+            )
+        return modules, dropout
+    config = adapter_read.read_json(adapter_dir / CONFIG)
+    lora = config.get("lora_parameters") or {}
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise AdapterFileError(f"{adapter_dir / CONFIG}: only LoRA adapters export (not {config['fine_tune_type']})")
+    adapter_read.read_safetensors_header(adapter_dir / MLX_WEIGHTS)  # clear error first
+    weights = mx.load(str(adapter_dir / MLX_WEIGHTS))
+    modules = {}
+    for name in weights:
+        if name.endswith(".lora_a"):
+            path = name[: -len(".lora_a")]
+            modules[path] = (weights[name], weights[f"{path}.lora_b"], lora["scale"])
+    return modules, lora.get("dropout", 0.0)
+
+
+def _model_type(adapter_dir, base):
+    sidecar = adapter_dir / SIDECAR
+    if sidecar.is_file():
+        model_type = adapter_read.read_json(sidecar).get("model_type")
+        if model_type:
+            return model_type
+    config = adapter_read.read_json(adapter_dir / CONFIG)
+    for model_dir in (base, config.get("model"), config.get("base_model_name_or_path")):
+        if model_dir and (Path(model_dir) / "config.json").is_file():
+            return adapter_read.read_json(Path(model_dir) / "config.json").get("model_type")
+    raise PeftExportError(
+        f"{adapter_dir}: can't tell the model architecture; pass --base with the "
+        "local directory of the base model"
+    )
+
+
+def check_module_names(base, paths):
+    """Refuse paths that the transformers model ``base`` does not have.
+
+    PEFT silently skips a target module that matches nothing, so a wrong path
+    would load "fine" and compute the base model.
+    """
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        return False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    names = {n for n, _ in model.named_modules()}
+    missing = sorted(set(paths) - names)
+    if missing:
+        raise PeftExportError(
+            f"{len(missing)} module paths are not in the transformers model {base} "
+            f"(e.g. {missing[0]})"
+        )
+    return True
+
+
+def export_peft(adapter_dir, out, base=None):
+    adapter_dir = Path(adapter_dir)
+    modules, dropout = load_modules(adapter_dir)
+    check_peft_architecture(_model_type(adapter_dir, base))
+    if base and (Path(base) / "config.json").is_file():
+        check_module_names(base, modules)
+    config = adapter_read.read_json(adapter_dir / CONFIG)
+    scales = Counter(scale for _, _, scale in modules.values())
+    scale = scales.most_common(1)[0][0]
+    ranks = {p: a.shape[1] for p, (a, _, _) in modules.items()}
+    base_rank = (config.get("lora_parameters") or {}).get("rank") or Counter(ranks.values()).most_common(1)[0][0]
+    peft = peft_config(ranks, base_rank, scale, dropout, base or config.get("model"))
+    # a module whose own scale differs keeps its function through its alpha
+    for path, (_, _, s) in modules.items():
+        if s != scale or ranks[path] != base_rank:
+            peft["alpha_pattern"][path] = s * ranks[path]
+    tensors = {}
+    for path, (a, b, _) in modules.items():
+        tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = a, b
+
+    def write(tmp):
+        import mlx.core as mx
+
+        peft_tensors = {k: mx.contiguous(v) for k, v in to_peft_tensors(tensors).items()}
+        mx.save_safetensors(str(tmp / PEFT_WEIGHTS), peft_tensors, metadata={"format": "pt"})
+        atomic_write_json(tmp / CONFIG, peft)
+
+    _write_dir(out, write)
+
+
+def export_padded(adapter_dir, out):
+    import mlx.core as mx
+
+    adapter_dir = Path(adapter_dir)
+    modules, dropout = load_modules(adapter_dir)
+    rank = max(a.shape[1] for a, _, _ in modules.values())
+    scale = Counter(s for _, _, s in modules.values()).most_common(1)[0][0]
+    tensors = {}
+    for path, (a, b, s) in modules.items():
+        pad = rank - a.shape[1]
+        tensors[f"{path}.lora_a"] = mx.pad(a, [(0, 0), (0, pad)])
+        tensors[f"{path}.lora_b"] = mx.pad(b * (s / scale), [(0, pad), (0, 0)])
+    if adapter_read.is_peft_dir(adapter_dir):
+        layer_keys = sorted({p.split(".", 3)[3] for p in modules if p.startswith("model.layers.")})
+        config = {"fine_tune_type": "lora", "num_layers": -1, "lora_parameters": {"keys": layer_keys}}
+    else:
+        config = adapter_read.read_json(adapter_dir / CONFIG)
+        peft_keys = set(peft_config({}, 1, 1.0))
+        config = {k: v for k, v in config.items() if k not in peft_keys and not k.startswith("rank")}
+    config["lora_parameters"] = {
+        **{k: v for k, v in config.get("lora_parameters", {}).items() if k != "rank_pattern"},
+        "rank": rank,
+        "scale": scale,
+        "dropout": dropout,
+    }
+
+    def write(tmp):
+        mx.save_safetensors(str(tmp / MLX_WEIGHTS), tensors)
+        atomic_write_json(tmp / CONFIG, config)
+
+    _write_dir(out, write)
+
+
+def _write_dir(out, write):
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; remove it or pick another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_lm_optiq.export",
+        description="Export a LoRA adapter directory: a clean PEFT-only copy, or a "
+        "uniform-rank copy that stock mlx-lm loads without the plugin.",
+    )
+    parser.add_argument("adapter_path", help="the adapter directory to export")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--peft", metavar="OUT", help="write a PEFT-only adapter to OUT")
+    what.add_argument(
+        "--pad", metavar="OUT", help="write a zero-padded uniform-rank mlx-lm adapter to OUT"
+    )
+    parser.add_argument(
+        "--base",
+        help="base model for PEFT's base_model_name_or_path (a Hugging Face id or a "
+        "local transformers directory, whose module names are then checked)",
+    )
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.peft:
+            export_peft(args.adapter_path, args.peft, args.base)
+            print(f"PEFT adapter written to {args.peft}")
+        else:
+            export_padded(args.adapter_path, args.pad)
+            print(f"uniform-rank mlx-lm adapter written to {args.pad}")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
