@@ -11,17 +11,16 @@ import warnings
 import mlx.core as mx
 import mlx_lm
 import numpy as np
+import peft
 import pytest
 import tiny_model
+import torch
+import transformers
 from conftest import TRAIN_ARGS, lora, read_json
 
 from mlx_lm_optiq import _startup
 from mlx_lm_optiq.adapter_read import peft_pattern_key
 from mlx_lm_optiq.export import main as export
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 TOKENS = [4, 17, 9, 23, 31, 8, 12, 40, 5, 11]
 
@@ -66,6 +65,13 @@ def arch_setup(request, models, data_dir, tmp_path_factory):
         "--rank-scaling", "by_bits", "--rank", "4", "--adapter-path", adapter,
     )  # fmt: skip
     return arch, mlx_dir, hf_dir, adapter
+
+
+@pytest.fixture(scope="module")
+def llama_pair(models):
+    """A mixed-precision tiny Llama and its transformers twin (no adapter)."""
+    mlx_dir = tiny_model.build_model(models / "llama-pair", quantize="mixed")
+    return mlx_dir, to_transformers(mlx_dir, models / "llama-pair-hf")
 
 
 def hf_base(hf_dir):
@@ -242,19 +248,15 @@ def test_pattern_keys_follow_peft():
         (dict(target_modules=["embed_tokens"]), "embedding adapters"),
     ],
 )
-def test_unsupported_peft_variants_are_refused(arch_setup, tmp_path, config, feature):
-    arch, mlx_dir, hf_dir, _ = arch_setup
-    if arch != "llama":
-        pytest.skip("one architecture is enough")
+def test_unsupported_peft_variants_are_refused(llama_pair, tmp_path, config, feature):
+    mlx_dir, hf_dir = llama_pair
     _peft_adapter(hf_dir, tmp_path / "a", **{"r": 4, "target_modules": ["q_proj"], **config})
     with pytest.raises(ValueError, match=feature):
         mlx_lm.load(str(mlx_dir), adapter_path=str(tmp_path / "a"))
 
 
-def test_adapter_for_another_base_is_refused_before_any_change(arch_setup, tmp_path, models):
-    arch, _, hf_dir, _ = arch_setup
-    if arch != "llama":
-        pytest.skip("one architecture is enough")
+def test_adapter_for_another_base_is_refused_before_any_change(llama_pair, tmp_path, models):
+    _, hf_dir = llama_pair
     _peft_adapter(hf_dir, tmp_path / "a", r=4, target_modules=["q_proj"])
     wider = tiny_model.build_model(models / "llama-wide", hidden=128, intermediate=256)
     model, _ = mlx_lm.load(str(wider))
@@ -277,10 +279,10 @@ def test_unverified_architecture_is_refused(tmp_path, by_bits_adapter):
     assert not (tmp_path / "out").exists()
 
 
-def test_info_reads_peft_dir(arch_setup, tmp_path):
+def test_info_reads_peft_dir(llama_pair, tmp_path):
     from mlx_lm_optiq.adapter_read import read_adapter
 
-    _, _, hf_dir, _ = arch_setup
+    _, hf_dir = llama_pair
     _peft_adapter(hf_dir, tmp_path / "a", **PEFT_CASES["patterns"])
     summary = read_adapter(tmp_path / "a")
     assert summary.kind == "peft"
