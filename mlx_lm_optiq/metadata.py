@@ -150,20 +150,26 @@ def read_config_quantization(path: Path) -> Optional[Source]:
     return source if source.bits else None
 
 
-def read_sources(model_dir: Optional[Path]) -> List[Source]:
-    """Every metadata file present in ``model_dir``, in priority order."""
+def read_sources(model_dir: Optional[Path], readers=None) -> List[Source]:
+    """What every metadata file present in ``model_dir`` says, in priority order.
+
+    Args:
+        model_dir: the model directory, or ``None`` when there is none locally.
+        readers: ``{file name: reader}``; default: the registered readers
+          (:func:`mlx_lm_optiq.plugins.metadata_readers`).
+    """
     if model_dir is None:
         return []
+    if readers is None:
+        from .plugins import metadata_readers
+
+        readers = metadata_readers()
     sources = []
-    for name in (OPTIQ_METADATA, LEGACY_OPTIQ_METADATA):
+    for name, reader in readers.items():
         if (model_dir / name).is_file():
-            sources.append(read_optiq_metadata(model_dir / name, name))
-    if (model_dir / SENSITIVITY).is_file():
-        sources.append(read_sensitivity(model_dir / SENSITIVITY))
-    if (model_dir / MODEL_CONFIG).is_file():
-        config = read_config_quantization(model_dir / MODEL_CONFIG)
-        if config is not None:
-            sources.append(config)
+            source = reader(model_dir / name)
+            if source is not None:
+                sources.append(source)
     return sources
 
 

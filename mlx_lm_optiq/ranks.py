@@ -120,7 +120,7 @@ def match_budget(ranks, units, base_rank):
     return result
 
 
-def assign(policy, base_rank, facts, units, budget="free", report=print):
+def assign(policy, base_rank, facts, units, budget="free", report=print, policies=None):
     """Ranks for every adapted module.
 
     Args:
@@ -131,17 +131,19 @@ def assign(policy, base_rank, facts, units, budget="free", report=print):
         budget: ``"free"`` keeps the policy's ranks, ``"match"`` rescales them to
           ``constant``'s parameter count.
         report: called with one line for each thing worth telling the user.
+        policies: ``{name: policy}``; default :data:`POLICIES`.
 
     Returns:
         ``{module path: rank}`` in the modules' order.
     """
+    policies = POLICIES if policies is None else policies
     if not isinstance(base_rank, int) or isinstance(base_rank, bool) or base_rank <= 0:
         raise RankPolicyError(f"the LoRA rank must be a positive integer, got {base_rank!r}")
-    if policy not in POLICIES:
+    if policy not in policies:
         raise RankPolicyError(
-            f"unknown rank scaling {policy!r}; choose one of {', '.join(POLICIES)}"
+            f"unknown rank scaling {policy!r}; choose one of {', '.join(policies)}"
         )
-    ranks = POLICIES[policy](base_rank, facts, report)
+    ranks = policies[policy](base_rank, facts, report)
     if budget == "match":
         ranks = match_budget(ranks, units, base_rank)
     elif budget != "free":

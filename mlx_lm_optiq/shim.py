@@ -1,14 +1,19 @@
 """The only module that touches mlx-lm internals.
 
-It backports, into an unpatched mlx-lm, the call sites that ``patches/``
-proposes upstream:
+It backports, into an unpatched mlx-lm, what ``patches/`` proposes upstream:
 
-- ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``;
-- ``load_adapters`` builds mixed-rank adapters (from ``rank_pattern`` or, when
-  a config lacks it, from the tensor shapes in the file);
-- ``mlx_lm.lora`` gains the plugin's CLI arguments, asks the plugin for the
-  LoRA parameters before conversion, and lets it act once the adapter config
-  and weights are saved.
+- ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``
+  (patch 0001);
+- the plugin hook call sites (patch 0002): ``mlx_lm.lora`` calls
+  ``mlx_lm_lora_add_arguments`` when it builds its parser,
+  ``mlx_lm_lora_parameters`` before converting layers and
+  ``mlx_lm_lora_adapter_saved`` after training; ``load_adapters`` calls
+  ``mlx_lm_load_adapters`` first. The hooks run on
+  :func:`mlx_lm_optiq.plugins.host_plugin_manager`.
+
+It also holds the helpers the hook implementations need from mlx-lm's
+internals (which modules LoRA will adapt, building PEFT and shape-inferred
+adapters).
 
 Each patch is a small named function that wraps one name where mlx-lm looks it
 up, checks the mlx-lm version first, is idempotent, is undone by
@@ -28,7 +33,6 @@ from . import SUPPORTED_MLX_LM, __version__
 
 _lock = threading.RLock()
 _patched = {}  # (module name, attribute) -> original
-_pending_rank_pattern = threading.local()
 
 
 class UnsupportedMlxLm(RuntimeError):
@@ -68,7 +72,6 @@ def on_import(module):
         _rebind(sys.modules["mlx_lm.tuner"], "linear_to_lora_layers", tuner_utils)
         _wrap(module, "build_parser", _build_parser)
         _wrap(module, "train_model", _train_model)
-        _wrap(module, "save_config", _save_config)
 
 
 def uninstall():
@@ -107,10 +110,10 @@ def _rebind(module, attr, source):
         setattr(module, attr, wrapper)
 
 
-def _plugin():
-    from . import plugin
+def _hook():
+    from .plugins import host_plugin_manager
 
-    return plugin
+    return host_plugin_manager().hook
 
 
 # -- LoRA conversion ----------------------------------------------------------
@@ -157,9 +160,7 @@ def _lora_factories(stand_in):
 
 
 def _linear_to_lora_layers(original, model, num_layers, config, use_dora=False):
-    pattern = (config or {}).get("rank_pattern") or getattr(
-        _pending_rank_pattern, "value", None
-    )
+    pattern = (config or {}).get("rank_pattern")
     if not pattern:
         return original(model, num_layers, config, use_dora=use_dora)
     by_id = {}
@@ -252,16 +253,43 @@ def describe_module(module):
 
 
 def _load_adapters(original, model, adapter_path):
-    if _plugin().is_peft_dir(Path(adapter_path)):
-        return load_peft_adapter(model, Path(adapter_path))
-    pattern = _plugin().rank_pattern_for_loading(Path(adapter_path))
-    if not pattern:
-        return original(model, adapter_path)
-    _pending_rank_pattern.value = pattern
-    try:
-        return original(model, adapter_path)
-    finally:
-        _pending_rank_pattern.value = None
+    loaded = _hook().mlx_lm_load_adapters(model=model, adapter_path=adapter_path)
+    return loaded if loaded is not None else original(model, adapter_path)
+
+
+def _check_shapes(weights_file, tensors, params):
+    """Refuse, before anything is loaded, tensors that don't fit the model."""
+    for name, w in tensors:
+        if name not in params:
+            raise ValueError(f"{weights_file}: {name} is not an adapter parameter of the model")
+        if tuple(w.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"{weights_file}: {name} has shape {tuple(w.shape)} but the model "
+                f"needs {tuple(params[name].shape)}; is this adapter for another base model?"
+            )
+
+
+def load_mlx_adapter(model, adapter_dir, rank_pattern):
+    """Load an mlx-lm adapter directory whose config lacks the ranks it holds."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    with open(adapter_dir / "adapter_config.json") as f:
+        config = json.load(f)
+    tuner_utils = sys.modules["mlx_lm.tuner.utils"]
+    tuner_utils.linear_to_lora_layers(
+        model,
+        config["num_layers"],
+        {**config["lora_parameters"], "rank_pattern": rank_pattern},
+        use_dora=config.get("fine_tune_type", "lora") == "dora",
+    )
+    weights_file = adapter_dir / "adapters.safetensors"
+    tensors = list(mx.load(str(weights_file)).items())
+    _check_shapes(weights_file, tensors, dict(tree_flatten(model.parameters())))
+    model.load_weights(tensors, strict=False)
+    return model
 
 
 def load_peft_adapter(model, adapter_dir):
@@ -274,9 +302,11 @@ def load_peft_adapter(model, adapter_dir):
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.lora import LoRALinear
 
-    plugin = _plugin()
-    plan, dropout = plugin.peft_import_plan(adapter_dir)
-    plugin.check_peft_architecture(getattr(model, "model_type", None))
+    from .adapter_read import peft_import_plan
+    from .adapter_write import check_peft_architecture
+
+    plan, dropout = peft_import_plan(adapter_dir)
+    check_peft_architecture(getattr(model, "model_type", None))
     weights_file = adapter_dir / "adapter_model.safetensors"
     weights = mx.load(str(weights_file))
     modules = dict(model.named_modules())
@@ -314,51 +344,16 @@ def load_peft_adapter(model, adapter_dir):
 
 def _build_parser(original):
     parser = original()
-    _plugin().add_arguments(parser)
+    _hook().mlx_lm_lora_add_arguments(parser=parser)
     return parser
 
 
-_active_run = threading.local()
-
-
 def _train_model(original, args, model, train_set, valid_set, training_callback=None):
-    plugin = _plugin()
-    try:
-        plugin.apply_rank_alias(args)
-        if not plugin.requested(args):
-            plugin.resume_rank_pattern(args)
-            return original(args, model, train_set, valid_set, training_callback)
-        run = _prepare_run(plugin, args, model)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"mlx_lm.lora: error: {e}") from None
-    args.lora_parameters = run.lora_parameters
-    _active_run.value = run
-    try:
-        result = original(args, model, train_set, valid_set, training_callback)
-    finally:
-        _active_run.value = None
-    plugin.adapter_saved(args, run)
+    lora_parameters = _hook().mlx_lm_lora_parameters(args=args, model=model)
+    if lora_parameters is not None:
+        args.lora_parameters = lora_parameters
+    result = original(args, model, train_set, valid_set, training_callback)
+    _hook().mlx_lm_lora_adapter_saved(
+        args=args, model=model, adapter_path=Path(args.adapter_path)
+    )
     return result
-
-
-def _prepare_run(plugin, args, model):
-    if args.fine_tune_type == "full":
-        raise ValueError("--rank-scaling needs --fine-tune-type lora or dora, not full")
-    targets = [
-        (path, *describe_module(module))
-        for path, module in adapted_modules(
-            model,
-            args.num_layers,
-            plugin.base_lora_parameters(args),
-            use_dora=args.fine_tune_type == "dora",
-        )
-    ]
-    all_paths = [p for p, _ in model.named_modules()]
-    return plugin.prepare_run(args, targets, all_paths)
-
-
-def _save_config(original, config, config_path, **kwargs):
-    run = getattr(_active_run, "value", None)
-    if run is None or Path(config_path).name != "adapter_config.json":
-        return original(config, config_path, **kwargs)
-    _plugin().adapter_config_saving(config, Path(config_path), run, original)

@@ -20,7 +20,6 @@ WRAPPED = [
     (mlx_lm.lora, "load_adapters"),
     (mlx_lm.lora, "build_parser"),
     (mlx_lm.lora, "train_model"),
-    (mlx_lm.lora, "save_config"),
 ]
 
 
@@ -48,13 +47,14 @@ def test_uninstall_restores_and_install_is_idempotent():
     assert sum(isinstance(f, _startup.PostImportFinder) for f in sys.meta_path) == 1
 
 
-def test_wrappers_pass_through_when_nothing_is_asked(monkeypatch):
-    parser = mlx_lm.lora.build_parser()
-    args = parser.parse_args(["--model", "m"])
-    assert args.rank_scaling is None and args.rank is None
-    from mlx_lm_optiq import plugin
+def test_hooks_pass_through_when_nothing_is_asked():
+    from mlx_lm_optiq.plugins import host_plugin_manager
 
-    assert not plugin.requested(args)
+    args = mlx_lm.lora.build_parser().parse_args(["--model", "m"])
+    assert args.rank_scaling is None and args.rank is None
+    args.resume_adapter_file = None
+    hook = host_plugin_manager().hook
+    assert hook.mlx_lm_lora_parameters(args=args, model=None) is None
 
 
 def test_unsupported_version_is_refused(monkeypatch):
