@@ -25,12 +25,18 @@ def optiq_register_metadata_readers(register):
     register(metadata.MODEL_CONFIG, metadata.read_config_quantization)
 
 
-@hookimpl(specname="optiq_adapter_saved", tryfirst=True)
-def check_weights_finite(run, adapter_dir):
+@hookimpl(tryfirst=True)
+def optiq_adapter_saved(run, adapter_dir):
+    """The built-in actions, in this order, before any other plugin's."""
+    check_weights_finite(adapter_dir)
+    write_adapter_config_and_sidecar(run, adapter_dir)
+    write_peft_layout(run, adapter_dir)
+
+
+def check_weights_finite(adapter_dir):
     adapter_write.check_finite(adapter_dir / adapter_read.MLX_WEIGHTS)
 
 
-@hookimpl(specname="optiq_adapter_saved")
 def write_adapter_config_and_sidecar(run, adapter_dir):
     config_file = adapter_dir / adapter_read.CONFIG
     config = adapter_read.read_json(config_file)
@@ -42,7 +48,6 @@ def write_adapter_config_and_sidecar(run, adapter_dir):
     )
 
 
-@hookimpl(specname="optiq_adapter_saved", trylast=True)
 def write_peft_layout(run, adapter_dir):
     try:
         adapter_write.check_peft_architecture(run.model_type)

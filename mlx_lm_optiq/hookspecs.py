@@ -45,10 +45,10 @@ def optiq_register_metadata_readers(register):
 def optiq_adapter_saved(run, adapter_dir):
     """Act once an adapter trained with ``--rank-scaling`` is saved.
 
-    Called in the main process only. The built-in actions check the weights
-    for NaN/inf (first), complete ``adapter_config.json`` with the PEFT keys,
-    write the ``optiq_lora_config.json`` sidecar, and write the PEFT-layout
-    ``adapter_model.safetensors``.
+    Called in the main process only. The built-in actions run first: they
+    check the weights for NaN/inf, complete ``adapter_config.json`` with the
+    PEFT keys, write the ``optiq_lora_config.json`` sidecar and the
+    PEFT-layout ``adapter_model.safetensors``.
 
     :param run: the :class:`~mlx_lm_optiq.lora_hooks.Run` (ranks, facts, policy).
     :param adapter_dir: the adapter directory (a ``pathlib.Path``).

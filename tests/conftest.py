@@ -2,6 +2,8 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,55 @@ def run(cmd, env=None, check=True, timeout=300, cwd=None):
 def lora(*args, env=None, check=True):
     """The real ``mlx_lm.lora`` console script in a subprocess."""
     return run([BIN / "mlx_lm.lora", *args], env=env, check=check)
+
+
+MLX_LM_SDIST = "mlx-lm==0.32.2"
+
+
+@pytest.fixture(scope="session")
+def patched_python(tmp_path_factory):
+    """Python of a throwaway virtualenv whose mlx-lm is 0.32.2 with ``patches/``.
+
+    The venv holds only the patched mlx-lm; everything else (mlx, this plugin)
+    comes from the test environment through a ``.pth`` line after it.
+    """
+    root = tmp_path_factory.mktemp("patched")
+    run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+         "--no-binary", ":all:", MLX_LM_SDIST, "-d", root])  # fmt: skip
+    with tarfile.open(next(root.glob("mlx_lm-*.tar.gz"))) as tar:
+        tar.extractall(root, filter="data")
+    src = next(p for p in root.glob("mlx_lm-*") if p.is_dir())
+    run(["git", "apply", *sorted((ROOT / "patches").glob("*.patch"))], cwd=src)
+    venv = root / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", venv])
+    python = venv / "bin" / "python"
+    run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", src])
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    outer = sysconfig.get_paths()["purelib"]
+    (site / "zz_test_environment.pth").write_text(f"import site; site.addsitedir({outer!r})\n")
+    return python
+
+
+class Cli:
+    """How to run ``mlx_lm.lora``: through the shim, or on patched mlx-lm."""
+
+    def __init__(self, name, command, env):
+        self.name, self.command, self.env = name, command, env
+        self.python = Path(command[0]) if name == "patched" else Path(sys.executable)
+
+    def lora(self, *args, env=None, check=True):
+        return run([*self.command, *args], env={**self.env, **(env or {})}, check=check)
+
+    def __repr__(self):
+        return self.name
+
+
+@pytest.fixture(scope="module", params=["shim", "patched"])
+def cli(request):
+    if request.param == "shim":
+        return Cli("shim", [BIN / "mlx_lm.lora"], {})
+    python = request.getfixturevalue("patched_python")
+    return Cli("patched", [python, "-m", "mlx_lm", "lora"], {"MLX_LM_OPTIQ_DISABLE": "1"})
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""The stock ``mlx_lm.lora`` command, in a subprocess, with the plugin installed."""
+"""The stock ``mlx_lm.lora`` command, in a subprocess, with the plugin installed.
+
+Every test that takes ``cli`` runs twice: on stock mlx-lm through the shim,
+and on mlx-lm with ``patches/`` applied and the shim switched off.
+"""
 
 import json
 
@@ -17,15 +21,27 @@ from conftest import (
 from mlx_lm_optiq.adapter_read import mlx_ranks, read_safetensors_header
 
 
-def test_help_explains_the_new_options():
-    out = " ".join(lora("--help").stdout.split())
+@pytest.fixture(scope="module")
+def trained(cli, tmp_path_factory, mixed_model, data_dir):
+    """``--rank-scaling by_bits --rank 4`` trained with this ``cli``."""
+    out = tmp_path_factory.mktemp(f"by_bits-{cli}") / "a"
+    proc = cli.lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_bits", "--rank", "4", "--adapter-path", out,
+    )  # fmt: skip
+    out.joinpath("train.log").write_text(proc.stdout + proc.stderr)
+    return out
+
+
+def test_help_explains_the_new_options(cli):
+    out = " ".join(cli.lora("--help").stdout.split())
     for option in ("--rank-scaling", "{constant,by_bits,by_kl}", "--rank ", "--rank-budget"):
         assert option in out
     assert "8-bit modules get twice the rank" in out
 
 
-def test_by_bits_gives_8bit_modules_twice_the_rank(by_bits_adapter, mixed_model):
-    shapes = read_safetensors_header(by_bits_adapter / "adapters.safetensors")
+def test_by_bits_gives_8bit_modules_twice_the_rank(cli, trained, mixed_model):
+    shapes = read_safetensors_header(trained / "adapters.safetensors")
     expected = expected_by_bits(mixed_model, base_rank=4, layers=2)
     assert mlx_ranks(shapes) == expected
     assert sorted(set(expected.values())) == [4, 8]
@@ -37,14 +53,14 @@ def test_by_bits_gives_8bit_modules_twice_the_rank(by_bits_adapter, mixed_model)
     assert sum(v[0] * v[1] for v in shapes.values()) == trainable == 10496
     assert constant == 8192
 
-    log = (by_bits_adapter / "train.log").read_text()
+    log = (trained / "train.log").read_text()
     assert "rank distribution: {4: 10, 8: 4} across 14 adapted modules" in log
     assert f"adapter parameters: {trainable:,}" in log
     assert f"the {constant:,} of constant rank 4" in log
 
 
-def test_adapter_config_has_rank_pattern_and_peft_keys(by_bits_adapter, mixed_model):
-    config = read_json(by_bits_adapter / "adapter_config.json")
+def test_adapter_config_has_rank_pattern_and_peft_keys(cli, trained, mixed_model):
+    config = read_json(trained / "adapter_config.json")
     expected = expected_by_bits(mixed_model, base_rank=4, layers=2)
     lora_parameters = config["lora_parameters"]
     assert lora_parameters["rank"] == 4
@@ -60,8 +76,8 @@ def test_adapter_config_has_rank_pattern_and_peft_keys(by_bits_adapter, mixed_mo
     assert config["base_model_name_or_path"] == str(mixed_model)
 
 
-def test_sidecar_records_every_module(by_bits_adapter, mixed_model):
-    sidecar = read_json(by_bits_adapter / "optiq_lora_config.json")
+def test_sidecar_records_every_module(cli, trained, mixed_model):
+    sidecar = read_json(trained / "optiq_lora_config.json")
     assert sidecar["rank_scaling"] == "by_bits"
     assert sidecar["base_rank"] == 4 and sidecar["scale"] == 20.0
     assert sidecar["rank_distribution"] == {"4": 10, "8": 4}
@@ -80,12 +96,12 @@ def test_sidecar_records_every_module(by_bits_adapter, mixed_model):
     assert set(sidecar["versions"]) == {"mlx_lm_optiq", "mlx_lm", "mlx"}
 
 
-def test_constant_is_byte_identical_to_stock(tmp_path, mixed_model, data_dir):
+def test_constant_is_byte_identical_to_stock(cli, tmp_path, mixed_model, data_dir):
     common = ["--model", mixed_model, "--data", data_dir, *TRAIN_ARGS]
     stock = tmp_path / "stock"
     ours = tmp_path / "constant"
     lora(*common, "--adapter-path", stock, env={"MLX_LM_OPTIQ_DISABLE": "1"})
-    proc = lora(*common, "--rank-scaling", "constant", "--adapter-path", ours)
+    proc = cli.lora(*common, "--rank-scaling", "constant", "--adapter-path", ours)
     assert "rank distribution: {8: 14} across 14 adapted modules" in proc.stdout
     stock_bytes = (stock / "adapters.safetensors").read_bytes()
     assert (ours / "adapters.safetensors").read_bytes() == stock_bytes
@@ -95,9 +111,9 @@ def test_constant_is_byte_identical_to_stock(tmp_path, mixed_model, data_dir):
     assert not (stock / "optiq_lora_config.json").exists()
 
 
-def test_without_the_option_mlx_lm_is_untouched(tmp_path, mixed_model, data_dir):
+def test_without_the_option_mlx_lm_is_untouched(cli, tmp_path, mixed_model, data_dir):
     out = tmp_path / "plain"
-    proc = lora("--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--adapter-path", out)
+    proc = cli.lora("--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--adapter-path", out)
     assert "rank distribution" not in proc.stdout
     assert not (out / "optiq_lora_config.json").exists()
     config = read_json(out / "adapter_config.json")
@@ -105,7 +121,7 @@ def test_without_the_option_mlx_lm_is_untouched(tmp_path, mixed_model, data_dir)
     assert "peft_type" not in config
 
 
-def test_python_dash_m_and_yaml_config(tmp_path, mixed_model, data_dir):
+def test_python_dash_m_and_yaml_config(cli, tmp_path, mixed_model, data_dir):
     config = tmp_path / "config.yaml"
     out = tmp_path / "yaml"
     config.write_text(
@@ -115,7 +131,7 @@ def test_python_dash_m_and_yaml_config(tmp_path, mixed_model, data_dir):
         "rank_scaling: by_bits\n"
         "lora_parameters:\n  rank: 2\n  scale: 10.0\n  dropout: 0.0\n"
     )
-    proc = run([BIN / "python", "-m", "mlx_lm", "lora", "-c", config, *TRAIN_ARGS])
+    proc = run([cli.python, "-m", "mlx_lm", "lora", "-c", config, *TRAIN_ARGS], env=cli.env)
     assert "rank distribution: {2: 10, 4: 4} across 14 adapted modules" in proc.stdout
     ranks = mlx_ranks(read_safetensors_header(out / "adapters.safetensors"))
     assert ranks == expected_by_bits(mixed_model, base_rank=2, layers=2)
@@ -134,8 +150,8 @@ def test_disable_switch_gives_stock_back(mixed_model, data_dir, tmp_path):
     assert "unrecognized arguments: --rank-scaling by_bits" in proc.stderr
 
 
-def test_by_bits_on_a_float_model_explains(fp_model, data_dir, tmp_path):
-    proc = lora(
+def test_by_bits_on_a_float_model_explains(cli, fp_model, data_dir, tmp_path):
+    proc = cli.lora(
         "--model", fp_model, "--data", data_dir, *TRAIN_ARGS,
         "--rank-scaling", "by_bits", "--adapter-path", tmp_path / "x", check=False,
     )  # fmt: skip
@@ -145,8 +161,8 @@ def test_by_bits_on_a_float_model_explains(fp_model, data_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_by_kl_reads_sensitivity_json(tmp_path, mixed_model, data_dir, models):
-    model = tiny_model.build_model(models / "llama-kl", quantize="mixed")
+def test_by_kl_reads_sensitivity_json(cli, tmp_path, mixed_model, data_dir, models):
+    model = tiny_model.build_model(models / f"llama-kl-{cli}", quantize="mixed")
     kls = {}
     for i, path in enumerate(sorted(tiny_model.linear_dims(model))):
         # q_proj is 4x as sensitive as the median, k_proj 1/4: clipped to 2x, 0.5x
@@ -169,7 +185,7 @@ def test_by_kl_reads_sensitivity_json(tmp_path, mixed_model, data_dir, models):
         )
     )
     out = tmp_path / "kl"
-    proc = lora(
+    proc = cli.lora(
         "--model", model, "--data", data_dir, *TRAIN_ARGS,
         "--rank-scaling", "by_kl", "--rank", "4", "--adapter-path", out,
     )  # fmt: skip
@@ -183,8 +199,8 @@ def test_by_kl_reads_sensitivity_json(tmp_path, mixed_model, data_dir, models):
     assert q["kl"] == 4.0 and q["kl_source"] == "optiq/sensitivity.json"
 
 
-def test_by_kl_without_kl_falls_back_to_by_bits(tmp_path, mixed_model, data_dir):
-    proc = lora(
+def test_by_kl_without_kl_falls_back_to_by_bits(cli, tmp_path, mixed_model, data_dir):
+    proc = cli.lora(
         "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
         "--rank-scaling", "by_kl", "--rank", "4", "--adapter-path", tmp_path / "a",
     )  # fmt: skip
@@ -192,8 +208,8 @@ def test_by_kl_without_kl_falls_back_to_by_bits(tmp_path, mixed_model, data_dir)
     assert "rank distribution: {4: 10, 8: 4}" in proc.stdout
 
 
-def test_rank_budget_match_stays_under_constant(tmp_path, mixed_model, data_dir):
-    proc = lora(
+def test_rank_budget_match_stays_under_constant(cli, tmp_path, mixed_model, data_dir):
+    proc = cli.lora(
         "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
         "--rank-scaling", "by_bits", "--rank", "4", "--rank-budget", "match",
         "--adapter-path", tmp_path / "m",
@@ -206,11 +222,11 @@ def test_rank_budget_match_stays_under_constant(tmp_path, mixed_model, data_dir)
     assert f"adapter parameters: {trainable:,}" in proc.stdout
 
 
-def test_resume_mixed_rank_adapter(tmp_path, by_bits_adapter, mixed_model, data_dir):
-    resume = by_bits_adapter / "adapters.safetensors"
+def test_resume_mixed_rank_adapter(cli, tmp_path, trained, mixed_model, data_dir):
+    resume = trained / "adapters.safetensors"
     out = tmp_path / "resumed"
     # without --rank-scaling: the file's own ranks are rebuilt
-    lora(
+    cli.lora(
         "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--rank", "4",
         "--resume-adapter-file", resume, "--adapter-path", out,
     )  # fmt: skip
@@ -218,7 +234,7 @@ def test_resume_mixed_rank_adapter(tmp_path, by_bits_adapter, mixed_model, data_
         read_safetensors_header(resume)
     )
     # with a policy that disagrees with the file: refused, before training
-    proc = lora(
+    proc = cli.lora(
         "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
         "--rank-scaling", "constant", "--rank", "4",
         "--resume-adapter-file", resume, "--adapter-path", tmp_path / "bad", check=False,
@@ -229,8 +245,8 @@ def test_resume_mixed_rank_adapter(tmp_path, by_bits_adapter, mixed_model, data_
 
 
 @pytest.mark.parametrize("bad", ["--rank=0", "--rank=-3"])
-def test_bad_rank_is_refused(bad, mixed_model, data_dir, tmp_path):
-    proc = lora(
+def test_bad_rank_is_refused(cli, bad, mixed_model, data_dir, tmp_path):
+    proc = cli.lora(
         "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
         "--rank-scaling", "by_bits", bad, "--adapter-path", tmp_path / "x", check=False,
     )  # fmt: skip
