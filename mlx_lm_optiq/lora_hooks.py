@@ -100,7 +100,12 @@ def mlx_lm_lora_adapter_saved(args, model, adapter_path):
     if run is None or not _is_main_process():
         return
     adapter_dir = Path(adapter_path)
-    plugins.get_plugin_manager().hook.optiq_adapter_saved(run=run, adapter_dir=adapter_dir)
+    try:
+        plugins.get_plugin_manager().hook.optiq_adapter_saved(
+            run=run, adapter_dir=adapter_dir
+        )
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"mlx_lm.lora: error: {e}") from None
     print(
         f"adapter with per-module ranks saved to {adapter_dir} "
         f"(inspect with: python -m mlx_lm_optiq.info {adapter_dir})"
@@ -112,10 +117,19 @@ def mlx_lm_load_adapters(model, adapter_path):
     adapter_dir = Path(adapter_path)
     if adapter_read.is_peft_dir(adapter_dir):
         return _shim().load_peft_adapter(model, adapter_dir)
-    pattern = adapter_read.rank_pattern_for_mlx(adapter_dir)
-    if pattern is None:
+    config_file = adapter_dir / adapter_read.CONFIG
+    weights_file = adapter_dir / adapter_read.MLX_WEIGHTS
+    if not config_file.is_file() or not weights_file.is_file():
+        return None  # mlx-lm's own error says what is missing
+    config = adapter_read.read_json(config_file)
+    if config.get("fine_tune_type", "lora") == "full":
+        return None
+    inferred = adapter_read.rank_pattern_for_mlx(adapter_dir)
+    pattern = inferred or (config.get("lora_parameters") or {}).get("rank_pattern")
+    _shim().check_mlx_adapter(model, weights_file, config, pattern)
+    if inferred is None:
         return None  # stock loading gets it right
-    return _shim().load_mlx_adapter(model, adapter_dir, pattern)
+    return _shim().load_mlx_adapter(model, adapter_dir, inferred)
 
 
 def base_lora_parameters(args) -> dict:

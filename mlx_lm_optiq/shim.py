@@ -62,6 +62,9 @@ def on_import(module):
     if upstream_has_hooks():
         return
     _check_version()
+    # Import what the call sites will need now, so a broken or missing
+    # dependency fails open here instead of in the middle of a command.
+    from . import lora_hooks, plugins  # noqa: F401
     if module.__name__ == "mlx_lm.tuner.utils":
         _wrap(module, "linear_to_lora_layers", _linear_to_lora_layers)
         _wrap(module, "load_adapters", _load_adapters)
@@ -257,24 +260,74 @@ def _load_adapters(original, model, adapter_path):
     return loaded if loaded is not None else original(model, adapter_path)
 
 
-def _check_shapes(weights_file, tensors, params):
-    """Refuse, before anything is loaded, tensors that don't fit the model."""
-    for name, w in tensors:
-        if name not in params:
-            raise ValueError(f"{weights_file}: {name} is not an adapter parameter of the model")
-        if tuple(w.shape) != tuple(params[name].shape):
+def _adapter_shapes(module, rank, use_dora):
+    """``{leaf: shape}`` of the LoRA layer mlx-lm builds on ``module`` at ``rank``."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+        in_dims, out_dims = _linear_dims(module)
+        shapes = {"lora_a": (in_dims, rank), "lora_b": (rank, out_dims)}
+        return {**shapes, "m": (out_dims,)} if use_dora else shapes
+    if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
+        experts, out_dims, in_dims = module.weight.shape
+        if isinstance(module, QuantizedSwitchLinear):
+            in_dims = in_dims * 32 // module.bits
+        return {"lora_a": (experts, rank, in_dims), "lora_b": (experts, out_dims, rank)}
+    num, dims = module.weight.shape
+    if isinstance(module, nn.QuantizedEmbedding):
+        dims = dims * 32 // module.bits
+    shapes = {"lora_a": (num, rank), "lora_b": (rank, dims)}
+    return {**shapes, "m": (num,)} if use_dora else shapes
+
+
+def check_mlx_adapter(model, weights_file, config, rank_pattern):
+    """Refuse an mlx-lm adapter that doesn't fit ``model``, before anything changes.
+
+    Args:
+        model: the model the adapter is for, not yet converted.
+        weights_file: its ``adapters.safetensors``.
+        config: its ``adapter_config.json``.
+        rank_pattern: the per-module ranks it will be built with (or ``None``).
+    """
+    from .adapter_read import read_safetensors_header
+
+    lora = config.get("lora_parameters") or {}
+    use_dora = config.get("fine_tune_type", "lora") == "dora"
+    rank_pattern = rank_pattern or {}
+    expected = {}
+    targets = adapted_modules(model, config["num_layers"], lora, use_dora)
+    stray = sorted(set(rank_pattern) - {path for path, _ in targets})
+    if stray:
+        raise ValueError(
+            f"{weights_file.parent / 'adapter_config.json'}: rank_pattern names "
+            f"{len(stray)} module(s) that are not adapted (e.g. {stray[0]}); check "
+            "num_layers and keys"
+        )
+    for path, module in targets:
+        rank = rank_pattern.get(path, lora["rank"])
+        for leaf, shape in _adapter_shapes(module, rank, use_dora).items():
+            expected[f"{path}.{leaf}"] = shape
+    for name, shape in read_safetensors_header(weights_file).items():
+        if name not in expected:
             raise ValueError(
-                f"{weights_file}: {name} has shape {tuple(w.shape)} but the model "
-                f"needs {tuple(params[name].shape)}; is this adapter for another base model?"
+                f"{weights_file}: {name} is not an adapter parameter of this model "
+                "(check num_layers and keys in adapter_config.json)"
+            )
+        if tuple(shape) != tuple(expected[name]):
+            what = "rank_pattern" if name.rsplit(".", 1)[0] in rank_pattern else "rank"
+            raise ValueError(
+                f"{weights_file}: {name} has shape {tuple(shape)} but this model with "
+                f"adapter_config.json's {what} needs {tuple(expected[name])}; is the "
+                "adapter for another base model, or its config for other weights?"
             )
 
 
 def load_mlx_adapter(model, adapter_dir, rank_pattern):
-    """Load an mlx-lm adapter directory whose config lacks the ranks it holds."""
+    """Load an mlx-lm adapter directory whose config lacks the ranks it holds
+    (checked first with :func:`check_mlx_adapter`)."""
     import json
 
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     with open(adapter_dir / "adapter_config.json") as f:
         config = json.load(f)
@@ -285,9 +338,7 @@ def load_mlx_adapter(model, adapter_dir, rank_pattern):
         {**config["lora_parameters"], "rank_pattern": rank_pattern},
         use_dora=config.get("fine_tune_type", "lora") == "dora",
     )
-    weights_file = adapter_dir / "adapters.safetensors"
-    tensors = list(mx.load(str(weights_file)).items())
-    _check_shapes(weights_file, tensors, dict(tree_flatten(model.parameters())))
+    tensors = list(mx.load(str(adapter_dir / "adapters.safetensors")).items())
     model.load_weights(tensors, strict=False)
     return model
 

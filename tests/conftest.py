@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -59,18 +60,26 @@ MLX_LM_SDIST = "mlx-lm==0.32.2"
 
 
 @pytest.fixture(scope="session")
-def patched_python(tmp_path_factory):
+def mlx_lm_sdist(tmp_path_factory):
+    """The mlx-lm 0.32.2 source distribution from the package index, unpacked."""
+    root = tmp_path_factory.mktemp("sdist")
+    run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+         "--no-binary", ":all:", MLX_LM_SDIST, "-d", root])  # fmt: skip
+    with tarfile.open(next(root.glob("mlx_lm-*.tar.gz"))) as tar:
+        tar.extractall(root, filter="data")
+    return next(p for p in root.glob("mlx_lm-*") if p.is_dir())
+
+
+@pytest.fixture(scope="session")
+def patched_python(tmp_path_factory, mlx_lm_sdist):
     """Python of a throwaway virtualenv whose mlx-lm is 0.32.2 with ``patches/``.
 
     The venv holds only the patched mlx-lm; everything else (mlx, this plugin)
     comes from the test environment through a ``.pth`` line after it.
     """
     root = tmp_path_factory.mktemp("patched")
-    run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-         "--no-binary", ":all:", MLX_LM_SDIST, "-d", root])  # fmt: skip
-    with tarfile.open(next(root.glob("mlx_lm-*.tar.gz"))) as tar:
-        tar.extractall(root, filter="data")
-    src = next(p for p in root.glob("mlx_lm-*") if p.is_dir())
+    src = root / mlx_lm_sdist.name
+    shutil.copytree(mlx_lm_sdist, src)
     run(["git", "apply", *sorted((ROOT / "patches").glob("*.patch"))], cwd=src)
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv])

@@ -45,7 +45,7 @@ def test_shim_stands_down_on_patched_mlx_lm(patched_python):
 
 
 def test_upstream_unittest_of_patch_0001(patched_python):
-    src = next(p for p in patched_python.parents[2].glob("mlx_lm-*") if p.is_dir())
+    src = next(p for p in patched_python.parents[1].parent.glob("mlx_lm-*") if p.is_dir())
     proc = run(
         [patched_python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          src / "tests" / "test_finetune.py", "-k", "rank_pattern or TestLora"],
