@@ -94,7 +94,17 @@ def save_tokenizer(path: Path, vocab_size=VOCAB_SIZE):
         )
 
 
-def build_model(path, arch="llama", quantize="mixed", seed=0, **dims):
+def make_fragile(model, path, factor=40.0):
+    """Give one linear module outliers: one weight in every 32 scaled by
+    ``factor``, so low-bit group quantization of it costs far more than of
+    any other module."""
+    module = dict(model.named_modules())[path]
+    weight = module.weight
+    outliers = (mx.arange(weight.shape[1]) % 32 == 0).astype(weight.dtype)
+    module.weight = weight * (1 + (factor - 1) * outliers)
+
+
+def build_model(path, arch="llama", quantize="mixed", seed=0, fragile=None, **dims):
     """Write a tiny model directory that ``mlx_lm.load`` opens.
 
     Args:
@@ -102,6 +112,7 @@ def build_model(path, arch="llama", quantize="mixed", seed=0, **dims):
         arch: ``"llama"`` or ``"qwen2"``.
         quantize: ``"mixed"`` (4/8 bits), ``"4bit"`` or ``None`` (float32).
         seed: weights seed.
+        fragile: a module path to give outliers (see :func:`make_fragile`).
 
     Returns:
         The directory, as a ``Path``.
@@ -114,6 +125,8 @@ def build_model(path, arch="llama", quantize="mixed", seed=0, **dims):
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
+    if fragile:
+        make_fragile(model, fragile)
     mx.eval(model.parameters())
     if quantize == "mixed":
         model, config = quantize_model(

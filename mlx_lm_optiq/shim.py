@@ -390,6 +390,33 @@ def load_peft_adapter(model, adapter_dir):
     return model
 
 
+def token_sequences(tokenizer, data_dir, count, max_length):
+    """The first ``count`` rows of ``train.jsonl`` (else ``valid.jsonl``) as
+    token lists, through mlx-lm's own dataset classes (text, chat, completions)."""
+    import json
+    import types
+
+    from mlx_lm.tuner.datasets import create_dataset
+
+    for name in ("train.jsonl", "valid.jsonl"):
+        path = Path(data_dir) / name
+        if path.is_file():
+            break
+    else:
+        raise FileNotFoundError(f"{data_dir}: no train.jsonl or valid.jsonl")
+    with open(path) as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(count)) if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    dataset = create_dataset(rows, tokenizer, types.SimpleNamespace())
+    sequences = []
+    for i in range(len(dataset)):
+        tokens = dataset.process(dataset[i])
+        tokens = tokens[0] if isinstance(tokens, tuple) else tokens
+        sequences.append(list(tokens)[:max_length])
+    return sequences
+
+
 # -- The mlx_lm.lora command --------------------------------------------------
 
 

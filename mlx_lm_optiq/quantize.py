@@ -1,0 +1,197 @@
+"""Mixed-precision quantization from sensitivity: ``python -m mlx_lm_optiq.quantize``.
+
+Chooses per-module bits under a bits-per-weight budget, greedily: every
+module starts at the lowest candidate bits; then, while the budget allows, the
+upgrade with the largest KL saved per extra bit of storage is taken (one
+candidate step at a time). The model is quantized with mlx-lm's own
+``quantize_model``; modules outside the transformer blocks that mlx-lm
+quantizes (embeddings, ``lm_head``) are kept at the highest candidate bits.
+
+Writes an mlx-lm model directory with per-module ``quantization`` entries in
+``config.json``, ``optiq/metadata.json`` (``per_layer``, ``target_bpw``,
+``achieved_bpw``) and a copy of ``optiq/sensitivity.json``.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .adapter_write import atomic_write_json
+from .metadata import OPTIQ_METADATA, SENSITIVITY, MetadataError, read_sensitivity
+
+
+def storage_bits(bits, group_size):
+    """Bits per weight of affine quantization: the codes plus an fp16 scale and
+    bias per group."""
+    return bits + 32 / group_size
+
+
+def choose_bits(modules, candidates, group_size, target_bpw):
+    """Per-module bits under ``target_bpw``.
+
+    Args:
+        modules: ``{module path: (param_count, {bits: kl})}``.
+        candidates: the allowed bit-widths.
+        group_size: quantization group size.
+        target_bpw: the bits-per-weight budget over these modules.
+
+    Returns:
+        ``({module path: bits}, achieved bits per weight)``.
+    """
+    candidates = sorted(candidates)
+    total = sum(n for n, _ in modules.values())
+    chosen = {p: candidates[0] for p in modules}
+
+    def cost(p, b):
+        return modules[p][0] * storage_bits(b, group_size)
+
+    spent = sum(cost(p, b) for p, b in chosen.items())
+    budget = target_bpw * total
+    if spent > budget:
+        raise ValueError(
+            f"--target-bpw {target_bpw} is below the {spent / total:.3f} bits per weight "
+            f"of quantizing everything at {candidates[0]} bits (group size {group_size})"
+        )
+    while True:
+        best = None
+        for p, b in chosen.items():
+            i = candidates.index(b)
+            if i + 1 == len(candidates):
+                continue
+            up = candidates[i + 1]
+            extra = cost(p, up) - cost(p, b)
+            if spent + extra > budget:
+                continue
+            kl = modules[p][1]
+            gain = (kl[b] - kl[up]) / extra
+            if best is None or gain > best[0]:
+                best = (gain, p, up, extra)
+        if best is None:
+            return chosen, spent / total
+        _, p, up, extra = best
+        chosen[p] = up
+        spent += extra
+
+
+def _sensitivity_modules(source_path, candidates):
+    with open(source_path) as f:
+        doc = json.load(f)
+    read_sensitivity(source_path)  # validates: names the file and the problem
+    missing = [b for b in candidates if str(b) not in {k for l in doc["layers"] for k in l["sensitivities"]}]
+    if missing:
+        raise MetadataError(source_path, f"no KL measured at {missing} bits; rerun sensitivity with --bits {','.join(map(str, candidates))}")
+    return {
+        layer["layer_name"]: (
+            layer["param_count"],
+            {int(b): kl for b, kl in layer["sensitivities"].items()},
+        )
+        for layer in doc["layers"]
+    }
+
+
+def quantize(args):
+    import mlx.nn as nn
+    import mlx_lm
+    from mlx_lm.utils import quantize_model, save
+
+    from .sensitivity import block_linears
+
+    model_path = Path(args.model)
+    sensitivity = Path(args.sensitivity) if args.sensitivity else model_path / SENSITIVITY
+    if not sensitivity.is_file():
+        raise FileNotFoundError(
+            f"{sensitivity}: no sensitivity file; measure it first with "
+            f"python -m mlx_lm_optiq.sensitivity {model_path} --data DIR"
+        )
+    modules = _sensitivity_modules(sensitivity, args.bits)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; remove it or pick another path")
+
+    model, tokenizer, config = mlx_lm.load(str(model_path), return_config=True)
+    if "quantization" in config:
+        raise ValueError(
+            f"{model_path} is already quantized; quantize needs a float model "
+            "(mlx_lm.convert --dequantize gives one)"
+        )
+    linears = dict(block_linears(model))
+    unknown = sorted(set(modules) - set(linears))
+    if unknown:
+        raise MetadataError(sensitivity, f"{len(unknown)} layer names are not linear modules of {model_path} (e.g. {unknown[0]})")
+    uncovered = sorted(set(linears) - set(modules))
+    if uncovered:
+        raise MetadataError(sensitivity, f"no entry for {len(uncovered)} modules (e.g. {uncovered[0]}); was it measured on this model?")
+
+    chosen, achieved = choose_bits(modules, args.bits, args.group_size, args.target_bpw)
+    top = {"bits": max(args.bits), "group_size": args.group_size}
+
+    def predicate(path, module):
+        if path in chosen:
+            return {"bits": chosen[path], "group_size": args.group_size}
+        return dict(top) if isinstance(module, (nn.Linear, nn.Embedding)) else False
+
+    model, config = quantize_model(
+        model, config, args.group_size, min(args.bits), quant_predicate=predicate
+    )
+    counts = {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}
+    metadata = {
+        "method": "greedy: largest KL saved per extra bit, within target_bpw",
+        "target_bpw": args.target_bpw,
+        "achieved_bpw": round(achieved, 4),
+        "candidate_bits": args.bits,
+        "group_size": args.group_size,
+        "per_layer": {p: {"bits": b, "group_size": args.group_size} for p, b in chosen.items()},
+        "other_modules": top,
+    }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save(tmp, model_path, model, tokenizer, config, donate_model=False)
+        (tmp / "optiq").mkdir(exist_ok=True)
+        atomic_write_json(tmp / OPTIQ_METADATA, metadata)
+        shutil.copyfile(sensitivity, tmp / SENSITIVITY)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"wrote {out}: {achieved:.3f} bits per weight over the {len(chosen)} block "
+        f"linear modules (target {args.target_bpw}); bits: {counts}"
+    )
+    return out
+
+
+def build_parser():
+    from .sensitivity import _bits
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_lm_optiq.quantize",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    parser.add_argument("model", help="local float mlx-lm model directory")
+    parser.add_argument("-o", "--output", required=True, help="directory to write")
+    parser.add_argument("--target-bpw", type=float, required=True, help="bits per weight budget, e.g. 5.0")
+    parser.add_argument("--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)")
+    parser.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    parser.add_argument("--sensitivity", help="sensitivity file (default MODEL/optiq/sensitivity.json)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        quantize(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Measure quantization sensitivity: ``python -m mlx_lm_optiq.sensitivity MODEL --data DIR``.
+
+For each linear module of each transformer block and each candidate
+bit-width, quantize that module alone, run the model on text from the
+training data, and record the KL divergence of its next-token distribution
+from the model as loaded. The result is OptiQ's ``optiq/sensitivity.json``
+shape, which ``--rank-scaling by_kl`` and ``mlx_lm_optiq.quantize`` read.
+
+The file is rewritten (atomically) after every module, so an interrupted run
+resumes where it stopped when started again with the same settings.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from . import __version__
+from .adapter_write import atomic_write_json
+from .metadata import SENSITIVITY
+
+METRIC = "kl_divergence_vs_reference"
+
+
+def block_linears(model):
+    """``[(module path, module)]`` for every linear layer inside ``model.layers``."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    found = []
+    for block in model.layers:
+        for _, module in block.named_modules():
+            if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+                found.append((paths[id(module)], module))
+    return found
+
+
+def as_float(module):
+    """The module as an ``nn.Linear`` (dequantized if it is quantized)."""
+    if not isinstance(module, nn.QuantizedLinear):
+        return module
+    weight = mx.dequantize(
+        module.weight,
+        module.scales,
+        module.biases,
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
+    out_dims, in_dims = weight.shape
+    linear = nn.Linear(in_dims, out_dims, bias="bias" in module)
+    linear.weight = weight
+    if "bias" in module:
+        linear.bias = module.bias
+    return linear
+
+
+def quantized(module, bits, group_size):
+    return nn.QuantizedLinear.from_linear(as_float(module), group_size, bits)
+
+
+def _set_module(model, path, module):
+    model.update_modules(tree_unflatten([(path, module)]))
+
+
+def _batches(sequences, batch_size):
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i : i + batch_size]
+        length = max(len(s) for s in chunk)
+        tokens = mx.array([s + [0] * (length - len(s)) for s in chunk])
+        mask = mx.array([[1.0] * len(s) + [0.0] * (length - len(s)) for s in chunk])
+        yield tokens, mask
+
+
+def _log_probs(model, tokens):
+    logits = model(tokens).astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def mean_kl(model, batches, reference):
+    """Mean over real tokens of KL(reference || model)."""
+    total, count = 0.0, 0.0
+    for (tokens, mask), ref in zip(batches, reference):
+        logq = _log_probs(model, tokens)
+        kl = (mx.exp(ref) * (ref - logq)).sum(axis=-1)
+        total += (kl * mask).sum().item()
+        count += mask.sum().item()
+    return max(total / count, 0.0)
+
+
+def settings_of(args, sequences, model_path):
+    fingerprint = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()[:16]
+    return {
+        "model": str(model_path),
+        "candidate_bits": args.bits,
+        "group_size": args.group_size,
+        "samples": len(sequences),
+        "max_seq_length": args.max_seq_length,
+        "data_fingerprint": fingerprint,
+    }
+
+
+def _resume(out, settings):
+    if not out.is_file():
+        return {}
+    doc = json.loads(out.read_text())
+    previous = {k: doc.get(k) for k in settings}
+    if previous != settings:
+        changed = [k for k in settings if previous[k] != settings[k]]
+        raise SystemExit(
+            f"error: {out} was measured with other settings ({', '.join(changed)}); "
+            "pass -o to write elsewhere, or --restart to measure again"
+        )
+    return {layer["layer_name"]: layer for layer in doc.get("layers", [])}
+
+
+def measure(args):
+    from tqdm import tqdm
+
+    import mlx_lm
+
+    from .shim import token_sequences
+
+    model_path = Path(args.model)
+    out = Path(args.output) if args.output else model_path / SENSITIVITY
+    model, tokenizer = mlx_lm.load(str(model_path))
+    sequences = token_sequences(tokenizer, args.data, args.samples, args.max_seq_length)
+    settings = settings_of(args, sequences, model_path)
+    done = {} if args.restart else _resume(out, settings)
+    targets = block_linears(model)
+    if any(isinstance(m, nn.QuantizedLinear) for _, m in targets):
+        print(
+            "note: the model is already quantized: measuring re-quantization of each "
+            f"module at the candidate bits ({args.bits}) that are below its own, "
+            "against the model as loaded (0 for the others)"
+        )
+    if done:
+        print(f"resuming: {len(done)} of {len(targets)} modules already measured in {out}")
+    batches = list(_batches(sequences, args.batch_size))
+    reference = [_log_probs(model, tokens) for tokens, _ in batches]
+    mx.eval(reference)
+
+    layers = []
+    todo = [(p, m) for p, m in targets if p not in done]
+    bar = tqdm(total=len(todo) * len(args.bits), desc="sensitivity", unit="quant")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, module in targets:
+        if path in done:
+            layers.append(done[path])
+            continue
+        sensitivities = {}
+        for bits in args.bits:
+            if getattr(module, "bits", 16) > bits:
+                _set_module(model, path, quantized(module, bits, args.group_size))
+                sensitivities[str(bits)] = mean_kl(model, batches, reference)
+                _set_module(model, path, module)
+            else:
+                sensitivities[str(bits)] = 0.0
+            bar.update(1)
+        in_dims, out_dims = as_float(module).weight.shape[::-1]
+        layers.append(
+            {"layer_name": path, "sensitivities": sensitivities, "param_count": in_dims * out_dims}
+        )
+        _write(out, settings, layers, complete=False)
+    bar.close()
+    _write(out, settings, layers, complete=True)
+    worst = max(layers, key=lambda l: l["sensitivities"][str(min(args.bits))])
+    print(
+        f"wrote {out}: {len(layers)} modules; most sensitive at {min(args.bits)} bits: "
+        f"{worst['layer_name']} (KL {worst['sensitivities'][str(min(args.bits))]:.4g})"
+    )
+    return out
+
+
+def _write(out, settings, layers, complete):
+    atomic_write_json(
+        out,
+        {
+            "metric": METRIC,
+            **settings,
+            "layers": layers,
+            "complete": complete,
+            "tool": f"mlx_lm_optiq.sensitivity {__version__}",
+        },
+    )
+
+
+def _bits(text):
+    try:
+        bits = sorted({int(b) for b in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if any(b not in (2, 3, 4, 5, 6, 8) for b in bits):
+        raise argparse.ArgumentTypeError("bits must be among 2, 3, 4, 5, 6, 8")
+    return bits
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_lm_optiq.sensitivity",
+        description="Measure, per linear module, the KL divergence caused by "
+        "quantizing that module alone, on text from the training data. Writes "
+        "MODEL/optiq/sensitivity.json (OptiQ's format).",
+    )
+    parser.add_argument("model", help="local mlx-lm model directory")
+    parser.add_argument("--data", required=True, help="directory with train.jsonl (mlx-lm formats)")
+    parser.add_argument("--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)")
+    parser.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    parser.add_argument("--samples", type=int, default=16, help="training rows to measure on (default 16)")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens per row (default 128)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    parser.add_argument("-o", "--output", help="where to write (default MODEL/optiq/sensitivity.json)")
+    parser.add_argument("--restart", action="store_true", help="ignore a previous partial file")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        measure(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
