@@ -24,6 +24,10 @@ WORDS = (
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 VOCAB_SIZE = 400
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant {% endif %}"
+)
 EIGHT_BIT = ("self_attn.v_proj", "mlp.down_proj")
 GROUP_SIZE = 32
 
@@ -89,6 +93,7 @@ def save_tokenizer(path: Path, vocab_size=VOCAB_SIZE):
                 "eos_token": "</s>",
                 "unk_token": "<unk>",
                 "pad_token": "<pad>",
+                "chat_template": CHAT_TEMPLATE,
             },
             f,
         )
