@@ -30,6 +30,8 @@ from common import environment, print_table, train_in_process, write_result  # n
 
 # Real architectures' shapes (Llama family).
 SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152),
     "135M": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
     "360M": dict(hidden_size=960, num_hidden_layers=32, intermediate_size=2560,
@@ -86,13 +88,14 @@ def synthetic_data(out, length, rows=64):
     return out
 
 
-def mlx_run(model_dir, data, length, iters, scaling):
+def mlx_run(model_dir, data, length, iters, scaling, size):
     import mlx.core as mx
 
     mx.clear_cache()
     result = train_in_process(
         True, model=str(model_dir), data=str(data), adapter_path=tempfile.mkdtemp(),
-        iters=iters, batch_size=4, num_layers=16, max_seq_length=length,
+        iters=iters, batch_size=4, num_layers=min(16, SIZES[size]["num_hidden_layers"]),
+        max_seq_length=length,
         steps_per_report=1, steps_per_eval=10**9, val_batches=1, save_every=10**9,
         rank_scaling=scaling, grad_checkpoint=True,
         lora_parameters={"rank": 8, "dropout": 0.0, "scale": 20.0},
@@ -110,7 +113,9 @@ def torch_peft_run(size, length, iters, ranks):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(rms_norm_eps=1e-5, tie_word_embeddings=True, **SIZES[size])
-    with torch.device("cuda"):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     n = SIZES[size]["num_hidden_layers"]
     targets = sorted(ranks)
@@ -121,37 +126,40 @@ def torch_peft_run(size, length, iters, ranks):
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    tokens = torch.randint(0, 49152, (4, length), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
+    tokens = torch.randint(0, 49152, (4, length), device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(iters):
-        torch.cuda.synchronize()
+        sync()
         tic = time.perf_counter()
         loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - tic)
     steady = sorted(times[3:] or times)[len(times[3:] or times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
     del model, opt
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return {"tokens_per_second": 4 * length / steady, "seconds_per_iteration": steady,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9, "layers": n}  # fmt: skip
+            "peak_memory_gb": peak, "layers": n, "device": device}  # fmt: skip
 
 
-def matmul_ceiling():
+def matmul_ceiling(n):
     import mlx.core as mx
 
-    a = mx.random.normal((8192, 8192)).astype(mx.bfloat16)
-    b = mx.random.normal((8192, 8192)).astype(mx.bfloat16)
+    a = mx.random.normal((n, n)).astype(mx.bfloat16)
+    b = mx.random.normal((n, n)).astype(mx.bfloat16)
     for _ in range(3):
         mx.eval(a @ b)
     tic = time.perf_counter()
     for _ in range(20):
         c = a @ b
     mx.eval(c)
-    return 20 * 2 * 8192**3 / (time.perf_counter() - tic) / 1e12
+    return 20 * 2 * n**3 / (time.perf_counter() - tic) / 1e12
 
 
 def main():
@@ -162,13 +170,14 @@ def main():
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--compare-length", type=int, default=1024)
     parser.add_argument("--compare-sizes", default="135M,1B")
+    parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--budget-seconds", type=float, default=float("inf"))
     parser.add_argument("--out", default=str(HERE / "results" / "ceiling.json"))
     args = parser.parse_args()
     start = time.monotonic()
     work = Path(tempfile.mkdtemp())
-    ceiling = matmul_ceiling()
-    print(f"bf16 matmul 8192^3: {ceiling:.0f} TFLOP/s", flush=True)
+    ceiling = matmul_ceiling(args.matmul_size)
+    print(f"bf16 matmul {args.matmul_size}^3: {ceiling:.1f} TFLOP/s", flush=True)
 
     rows, results, comparisons = [], {}, {}
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -181,7 +190,7 @@ def main():
                 continue
             data = synthetic_data(work / f"data-{length}", length)
             try:
-                r = mlx_run(model_dir, data, length, args.iters, "by_bits")
+                r = mlx_run(model_dir, data, length, args.iters, "by_bits", size)
             except Exception as e:  # noqa: BLE001 - out of memory ends this size
                 results[size][length] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 break
@@ -197,7 +206,7 @@ def main():
         length = args.compare_length
         data = synthetic_data(work / f"data-{length}", length)
         bf16_dir = build(size, args.tokenizer, work / f"{size}-bf16", quantized=False)
-        mlx_lora = mlx_run(bf16_dir, data, length, args.iters, "by_bits")
+        mlx_lora = mlx_run(bf16_dir, data, length, args.iters, "by_bits", size)
         shutil.rmtree(bf16_dir, ignore_errors=True)
         ranks = {p: 8 * (2 if p.endswith(EIGHT_BIT) else 1) for p in _adapted(size)}
         torch_lora = torch_peft_run(size, length, args.iters, ranks)

@@ -142,8 +142,8 @@ def main():
 
     models = prepare_models(args, work)
     runs, skipped = [], []
-    for base in args.bases.split(","):
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):
+        for base in args.bases.split(","):
             for scaling, budget in POLICIES:
                 name = f"{base}/{label(scaling, budget)}/seed{seed}"
                 if time.monotonic() - start > args.budget_seconds:
@@ -176,6 +176,22 @@ def main():
                           f"{stats['val_early_mean']:.4f} ± {stats['val_early_std']:.4f}",
                           f"{stats['val_final_mean']:.4f} ± {stats['val_final_std']:.4f}"))  # fmt: skip
 
+    def save(accuracy):
+        write_result(args.out, {
+            "benchmark": "quality",
+            "command": " ".join(sys.argv),
+            "environment": environment(),
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "summary": summary,
+            "gsm8k": accuracy,
+            "skipped_runs": skipped,
+            "runs": runs,
+            "elapsed_seconds": time.monotonic() - start,
+        })  # fmt: skip
+
+    print_table(["base", "policy", "seeds", "trainable", f"val loss @{args.eval_at}",
+                 f"val loss @{args.iters}"], table)  # fmt: skip
+    save({})  # the training results are safe before the (long) evaluation
     accuracy = {}
     optiq = {k: v for k, v in summary.items() if k.startswith("optiq/")}
     if args.gsm8k and optiq:
@@ -189,19 +205,7 @@ def main():
             accuracy[key] = {"exact_match": acc, "questions": n}
             print(f"GSM8K {key}: {acc:.3f} exact match on {n} questions", flush=True)
 
-    print_table(["base", "policy", "seeds", "trainable", f"val loss @{args.eval_at}",
-                 f"val loss @{args.iters}"], table)  # fmt: skip
-    write_result(args.out, {
-        "benchmark": "quality",
-        "command": " ".join(sys.argv),
-        "environment": environment(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "summary": summary,
-        "gsm8k": accuracy,
-        "skipped_runs": skipped,
-        "runs": runs,
-        "elapsed_seconds": time.monotonic() - start,
-    })  # fmt: skip
+    save(accuracy)
 
 
 if __name__ == "__main__":
