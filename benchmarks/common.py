@@ -15,7 +15,9 @@ def environment():
     import mlx_lm_optiq
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -30,7 +32,9 @@ def environment():
 
 def print_table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(
+        str(c).ljust(w) for c, w in zip(cells, widths)
+    )  # noqa: E731
     print(line(header))
     print("  ".join("-" * w for w in widths))
     for row in rows:
@@ -65,8 +69,8 @@ def train_in_process(plugin, **overrides):
     import mlx_lm
     import mlx_lm.lora as lora
     import numpy as np
-    from mlx_lm.tuner.datasets import load_dataset
     from mlx.utils import tree_flatten
+    from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.tuner.trainer import TrainingCallback
 
     from mlx_lm_optiq import _startup

@@ -15,7 +15,6 @@ Without ``--model`` it builds the tiny example model. Writes
 
 import argparse
 import hashlib
-import json
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 
-from common import environment, print_table, train_in_process, write_result  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    print_table,
+    train_in_process,
+    write_result,
+)
 
 
 def train_once(variant, args, workdir):
@@ -69,7 +73,9 @@ def startup_times(repeats):
     pythons = {}
     for name in ("without", "with"):
         venv = root / name
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True
+        )
         pythons[name] = venv / "bin" / "python"
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(pythons["with"]), "install", "-q",
@@ -89,7 +95,9 @@ def startup_times(repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="mlx-lm model directory (default: tiny example)")
+    parser.add_argument(
+        "--model", help="mlx-lm model directory (default: tiny example)"
+    )
     parser.add_argument("--data", help="data directory (default: tiny example)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
@@ -106,7 +114,9 @@ def main():
     if args.model is None:
         import tiny_model
 
-        args.model = tiny_model.build_model(workdir / "model", quantize="mixed", layers=4)
+        args.model = tiny_model.build_model(
+            workdir / "model", quantize="mixed", layers=4
+        )
         args.data = tiny_model.build_dataset(workdir / "data", n_train=256, n_valid=16)
         args.num_layers = min(args.num_layers, 4)
 
@@ -127,12 +137,17 @@ def main():
     same_weights = len({r["weights_sha256"] for r in runs}) == 1
     startup = startup_times(args.startup_repeats)
     summary = {
-        "tokens_per_second": {v: median(v, "tokens_per_second") for v in ("stock", "plugin")},
+        "tokens_per_second": {
+            v: median(v, "tokens_per_second") for v in ("stock", "plugin")
+        },
         "peak_memory_gb": {v: median(v, "peak_memory_gb") for v in ("stock", "plugin")},
         "wall_seconds": {v: median(v, "wall_seconds") for v in ("stock", "plugin")},
-        "tokens_per_second_ratio": median("plugin", "tokens_per_second") / median("stock", "tokens_per_second"),
-        "peak_memory_ratio": median("plugin", "peak_memory_gb") / median("stock", "peak_memory_gb"),
-        "wall_ratio": median("plugin", "wall_seconds") / median("stock", "wall_seconds"),
+        "tokens_per_second_ratio": median("plugin", "tokens_per_second")
+        / median("stock", "tokens_per_second"),
+        "peak_memory_ratio": median("plugin", "peak_memory_gb")
+        / median("stock", "peak_memory_gb"),
+        "wall_ratio": median("plugin", "wall_seconds")
+        / median("stock", "wall_seconds"),
         "losses_identical": identical,
         "weights_identical": same_weights,
         "startup_seconds": startup,

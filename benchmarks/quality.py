@@ -27,7 +27,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import environment, print_table, train_in_process, write_result  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    print_table,
+    train_in_process,
+    write_result,
+)
 
 POLICIES = [
     ("constant", "free"),
@@ -49,17 +54,18 @@ def prepare_models(args, work):
     from mlx_lm_optiq import quantize, sensitivity
 
     sens = work / "sensitivity.json"
+    optiq, mixed = work / "optiq", work / "mixed_4_6"
+    if optiq.is_dir() and mixed.is_dir():  # prepared by an earlier run in --work
+        return {"optiq": optiq, "mixed_4_6": mixed}
     sensitivity.measure(types.SimpleNamespace(
         model=args.model, data=args.data, bits=args.bits, group_size=args.group_size,
         samples=args.sensitivity_samples, max_seq_length=args.sensitivity_length,
         batch_size=8, output=str(sens), restart=False,
     ))  # fmt: skip
-    optiq = work / "optiq"
     quantize.quantize(types.SimpleNamespace(
         model=args.model, output=str(optiq), target_bpw=args.target_bpw, bits=args.bits,
         group_size=args.group_size, sensitivity=str(sens),
     ))  # fmt: skip
-    mixed = work / "mixed_4_6"
     convert(str(args.model), str(mixed), quantize=True, q_group_size=args.group_size,
             quant_predicate="mixed_4_6")  # fmt: skip
     (mixed / "optiq").mkdir(exist_ok=True)
@@ -83,7 +89,9 @@ def train(args, model_dir, scaling, budget, seed, adapter_path):
         "val_loss_early": val.get(args.eval_at),
         "val_loss_final": val.get(args.iters),
         "trainable_parameters": result["trainable_parameters"],
-        "tokens_per_second": statistics.median(r["tokens_per_second"] for r in result["train"]),
+        "tokens_per_second": statistics.median(
+            r["tokens_per_second"] for r in result["train"]
+        ),
         "wall_seconds": result["wall_seconds"],
     }
 
@@ -104,15 +112,24 @@ def gsm8k_accuracy(model_dir, adapter_path, data, limit, max_tokens, batch_size)
     correct = 0
     for row, text in zip(rows, texts):
         got, want = ANSWER.search(text), ANSWER.search(row["completion"])
-        if got and want and got.group(1).replace(",", "").rstrip(".") == want.group(1).replace(",", ""):
+        if (
+            got
+            and want
+            and got.group(1).replace(",", "").rstrip(".")
+            == want.group(1).replace(",", "")
+        ):
             correct += 1
     return correct / len(rows), len(rows)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="float mlx-lm model (SmolLM2-135M-Instruct)")
-    parser.add_argument("--data", required=True, help="GSM8K directory (train/valid/test.jsonl)")
+    parser.add_argument(
+        "--model", required=True, help="float mlx-lm model (SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--data", required=True, help="GSM8K directory (train/valid/test.jsonl)"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--eval-at", type=int, default=50)
@@ -123,13 +140,17 @@ def main():
     parser.add_argument("--scale", type=float, default=20.0)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--max-seq-length", type=int, default=512)
-    parser.add_argument("--bits", type=lambda t: [int(b) for b in t.split(",")], default=[4, 8])
+    parser.add_argument(
+        "--bits", type=lambda t: [int(b) for b in t.split(",")], default=[4, 8]
+    )
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--target-bpw", type=float, default=5.0)
     parser.add_argument("--sensitivity-samples", type=int, default=32)
     parser.add_argument("--sensitivity-length", type=int, default=256)
     parser.add_argument("--bases", default="optiq,mixed_4_6")
-    parser.add_argument("--gsm8k", type=int, default=219, help="test questions (0: skip)")
+    parser.add_argument(
+        "--gsm8k", type=int, default=219, help="test questions (0: skip)"
+    )
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--budget-seconds", type=float, default=float("inf"),
                         help="start no new training run after this many seconds")  # fmt: skip
@@ -149,8 +170,17 @@ def main():
                 if time.monotonic() - start > args.budget_seconds:
                     skipped.append(name)
                     continue
-                result = train(args, models[base], scaling, budget, seed, work / "adapters" / name)
-                runs.append({"base": base, "policy": label(scaling, budget), "seed": seed, **result})
+                adapter = work / "adapters" / name
+                shutil.rmtree(adapter, ignore_errors=True)
+                result = train(args, models[base], scaling, budget, seed, adapter)
+                runs.append(
+                    {
+                        "base": base,
+                        "policy": label(scaling, budget),
+                        "seed": seed,
+                        **result,
+                    }
+                )
                 print(f"{name}: val {result['val_loss_early']:.4f} @ {args.eval_at}, "
                       f"{result['val_loss_final']:.4f} @ {args.iters}", flush=True)  # fmt: skip
 

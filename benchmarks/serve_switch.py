@@ -40,7 +40,10 @@ def make_adapters(model_dir, out, count, rank):
         model, _ = mlx_lm.load(str(model_dir))
         model.freeze()
         n = len(model.layers)
-        pattern = {f"model.layers.{n - 1}.self_attn.v_proj": rank * 2, f"model.layers.{n - 1}.mlp.down_proj": rank * 2}
+        pattern = {
+            f"model.layers.{n - 1}.self_attn.v_proj": rank * 2,
+            f"model.layers.{n - 1}.mlp.down_proj": rank * 2,
+        }
         params = {"rank": rank, "scale": 20.0, "dropout": 0.0, "rank_pattern": pattern}
         linear_to_lora_layers(model, min(8, n), params)
         mx.random.seed(i)
@@ -52,7 +55,13 @@ def make_adapters(model_dir, out, count, rank):
         path.mkdir(parents=True)
         mx.save_safetensors(str(path / "adapters.safetensors"), weights)
         (path / "adapter_config.json").write_text(
-            json.dumps({"fine_tune_type": "lora", "num_layers": min(8, n), "lora_parameters": params})
+            json.dumps(
+                {
+                    "fine_tune_type": "lora",
+                    "num_layers": min(8, n),
+                    "lora_parameters": params,
+                }
+            )
         )
         paths.append(path)
     return paths
@@ -62,14 +71,18 @@ def tokens_per_second(model, tokenizer, tokens):
     from mlx_lm import stream_generate
 
     last = None
-    for last in stream_generate(model, tokenizer, "the cat sees a big red", max_tokens=tokens):
+    for last in stream_generate(
+        model, tokenizer, "the cat sees a big red", max_tokens=tokens
+    ):
         pass
     return last.generation_tps
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="mlx-lm model directory (default: tiny example)")
+    parser.add_argument(
+        "--model", help="mlx-lm model directory (default: tiny example)"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
@@ -122,7 +135,9 @@ def main():
             registry.add(f"a{i}", adapters[i])
     one, eight = statistics.median(samples[1]), statistics.median(samples[8])
 
-    reload_s, switch_s = statistics.median(reload_times), statistics.median(switch_times)
+    reload_s, switch_s = statistics.median(reload_times), statistics.median(
+        switch_times
+    )
     summary = {
         "reload_seconds": reload_s,
         "switch_seconds": switch_s,

@@ -45,7 +45,9 @@ def main():
     subprocess.run(lora, check=True)
 
     print(f"[3/3] python -m mlx_lm_optiq.info {adapter}")
-    subprocess.run([sys.executable, "-m", "mlx_lm_optiq.info", str(adapter)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "mlx_lm_optiq.info", str(adapter)], check=True
+    )
 
 
 if __name__ == "__main__":

@@ -199,7 +199,9 @@ def read_adapter(path) -> AdapterSummary:
 def is_peft_dir(adapter_dir) -> bool:
     """A PEFT adapter directory (and not one of ours, which holds both layouts)."""
     adapter_dir = Path(adapter_dir)
-    return (adapter_dir / PEFT_WEIGHTS).is_file() and not (adapter_dir / MLX_WEIGHTS).is_file()
+    return (adapter_dir / PEFT_WEIGHTS).is_file() and not (
+        adapter_dir / MLX_WEIGHTS
+    ).is_file()
 
 
 def peft_pattern_key(patterns, path):
@@ -237,20 +239,32 @@ def peft_import_plan(adapter_dir):
     config_file, weights = adapter_dir / CONFIG, adapter_dir / PEFT_WEIGHTS
     config = read_json(config_file)
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{config_file}: peft_type {config['peft_type']} is not supported, only LORA")
+        raise AdapterFileError(
+            f"{config_file}: peft_type {config['peft_type']} is not supported, only LORA"
+        )
     for key, feature in UNSUPPORTED_PEFT.items():
         if config.get(key):
-            raise AdapterFileError(f"{config_file}: {feature} is not supported by mlx-lm LoRA layers")
+            raise AdapterFileError(
+                f"{config_file}: {feature} is not supported by mlx-lm LoRA layers"
+            )
     if config.get("bias", "none") != "none":
-        raise AdapterFileError(f"{config_file}: bias={config['bias']!r} is not supported, only 'none'")
+        raise AdapterFileError(
+            f"{config_file}: bias={config['bias']!r} is not supported, only 'none'"
+        )
     shapes = read_safetensors_header(weights)
     for name, shape in shapes.items():
         if "lora_embedding_" in name:
-            raise AdapterFileError(f"{weights}: embedding adapters ({name}) are not supported")
+            raise AdapterFileError(
+                f"{weights}: embedding adapters ({name}) are not supported"
+            )
         if "lora_magnitude_vector" in name:
-            raise AdapterFileError(f"{weights}: DoRA tensors ({name}) are not supported")
+            raise AdapterFileError(
+                f"{weights}: DoRA tensors ({name}) are not supported"
+            )
         if name.endswith((".lora_A.weight", ".lora_B.weight")) and len(shape) != 2:
-            raise AdapterFileError(f"{weights}: {name} is not a 2-D linear adapter (MoE?)")
+            raise AdapterFileError(
+                f"{weights}: {name} is not a 2-D linear adapter (MoE?)"
+            )
     ranks = peft_ranks(shapes)
     if not ranks:
         raise AdapterFileError(f"{weights}: no LoRA tensors (…lora_A.weight)")

@@ -124,8 +124,13 @@ def write_peft_weights(mlx_weights: Path, out: Path):
     """Write ``adapter_model.safetensors`` (PEFT layout) from ``adapters.safetensors``."""
     import mlx.core as mx
 
-    tensors = {k: mx.contiguous(v) for k, v in to_peft_tensors(mx.load(str(mlx_weights))).items()}
-    atomic_write(out, lambda tmp: mx.save_safetensors(tmp, tensors, metadata={"format": "pt"}))
+    tensors = {
+        k: mx.contiguous(v)
+        for k, v in to_peft_tensors(mx.load(str(mlx_weights))).items()
+    }
+    atomic_write(
+        out, lambda tmp: mx.save_safetensors(tmp, tensors, metadata={"format": "pt"})
+    )
 
 
 def sidecar(run):

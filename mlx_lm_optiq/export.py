@@ -9,7 +9,6 @@ temporary directory and renamed into place, so a failure leaves nothing behind.
 """
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -51,7 +50,9 @@ def load_modules(adapter_dir):
     config = adapter_read.read_json(adapter_dir / CONFIG)
     lora = config.get("lora_parameters") or {}
     if config.get("fine_tune_type", "lora") != "lora":
-        raise AdapterFileError(f"{adapter_dir / CONFIG}: only LoRA adapters export (not {config['fine_tune_type']})")
+        raise AdapterFileError(
+            f"{adapter_dir / CONFIG}: only LoRA adapters export (not {config['fine_tune_type']})"
+        )
     adapter_read.read_safetensors_header(adapter_dir / MLX_WEIGHTS)  # clear error first
     weights = mx.load(str(adapter_dir / MLX_WEIGHTS))
     modules = {}
@@ -71,7 +72,9 @@ def _model_type(adapter_dir, base):
     config = adapter_read.read_json(adapter_dir / CONFIG)
     for model_dir in (base, config.get("model"), config.get("base_model_name_or_path")):
         if model_dir and (Path(model_dir) / "config.json").is_file():
-            return adapter_read.read_json(Path(model_dir) / "config.json").get("model_type")
+            return adapter_read.read_json(Path(model_dir) / "config.json").get(
+                "model_type"
+            )
     raise PeftExportError(
         f"{adapter_dir}: can't tell the model architecture; pass --base with the "
         "local directory of the base model"
@@ -111,7 +114,9 @@ def export_peft(adapter_dir, out, base=None):
     scales = Counter(scale for _, _, scale in modules.values())
     scale = scales.most_common(1)[0][0]
     ranks = {p: a.shape[1] for p, (a, _, _) in modules.items()}
-    base_rank = (config.get("lora_parameters") or {}).get("rank") or Counter(ranks.values()).most_common(1)[0][0]
+    base_rank = (config.get("lora_parameters") or {}).get("rank") or Counter(
+        ranks.values()
+    ).most_common(1)[0][0]
     peft = peft_config(ranks, base_rank, scale, dropout, base or config.get("model"))
     # a module whose own scale differs keeps its function through its alpha
     for path, (_, _, s) in modules.items():
@@ -124,8 +129,12 @@ def export_peft(adapter_dir, out, base=None):
     def write(tmp):
         import mlx.core as mx
 
-        peft_tensors = {k: mx.contiguous(v) for k, v in to_peft_tensors(tensors).items()}
-        mx.save_safetensors(str(tmp / PEFT_WEIGHTS), peft_tensors, metadata={"format": "pt"})
+        peft_tensors = {
+            k: mx.contiguous(v) for k, v in to_peft_tensors(tensors).items()
+        }
+        mx.save_safetensors(
+            str(tmp / PEFT_WEIGHTS), peft_tensors, metadata={"format": "pt"}
+        )
         atomic_write_json(tmp / CONFIG, peft)
 
     _write_dir(out, write)
@@ -144,14 +153,28 @@ def export_padded(adapter_dir, out):
         tensors[f"{path}.lora_a"] = mx.pad(a, [(0, 0), (0, pad)])
         tensors[f"{path}.lora_b"] = mx.pad(b * (s / scale), [(0, pad), (0, 0)])
     if adapter_read.is_peft_dir(adapter_dir):
-        layer_keys = sorted({p.split(".", 3)[3] for p in modules if p.startswith("model.layers.")})
-        config = {"fine_tune_type": "lora", "num_layers": -1, "lora_parameters": {"keys": layer_keys}}
+        layer_keys = sorted(
+            {p.split(".", 3)[3] for p in modules if p.startswith("model.layers.")}
+        )
+        config = {
+            "fine_tune_type": "lora",
+            "num_layers": -1,
+            "lora_parameters": {"keys": layer_keys},
+        }
     else:
         config = adapter_read.read_json(adapter_dir / CONFIG)
         peft_keys = set(peft_config({}, 1, 1.0))
-        config = {k: v for k, v in config.items() if k not in peft_keys and not k.startswith("rank")}
+        config = {
+            k: v
+            for k, v in config.items()
+            if k not in peft_keys and not k.startswith("rank")
+        }
     config["lora_parameters"] = {
-        **{k: v for k, v in config.get("lora_parameters", {}).items() if k != "rank_pattern"},
+        **{
+            k: v
+            for k, v in config.get("lora_parameters", {}).items()
+            if k != "rank_pattern"
+        },
         "rank": rank,
         "scale": scale,
         "dropout": dropout,
@@ -167,7 +190,9 @@ def export_padded(adapter_dir, out):
 def _write_dir(out, write):
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; remove it or pick another path")
+        raise FileExistsError(
+            f"{out} exists and is not empty; remove it or pick another path"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -190,7 +215,9 @@ def build_parser():
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--peft", metavar="OUT", help="write a PEFT-only adapter to OUT")
     what.add_argument(
-        "--pad", metavar="OUT", help="write a zero-padded uniform-rank mlx-lm adapter to OUT"
+        "--pad",
+        metavar="OUT",
+        help="write a zero-padded uniform-rank mlx-lm adapter to OUT",
     )
     parser.add_argument(
         "--base",

@@ -32,13 +32,20 @@ def as_dict(summary):
         "rank_scaling": summary.scaling,
         "scale": summary.scale,
         "dropout": summary.dropout,
-        "rank_distribution": {str(k): v for k, v in distribution(summary.ranks).items()},
+        "rank_distribution": {
+            str(k): v for k, v in distribution(summary.ranks).items()
+        },
         "adapted_modules": len(summary.ranks),
         "trainable_parameters": summary.trainable_parameters,
         "constant_rank_parameters": summary.constant_rank_parameters,
         "modules": {
-            p: {"rank": r, **{k: v for k, v in summary.modules.get(p, {}).items() if k != "rank"}}
-            for p, r in sorted(summary.ranks.items(), key=lambda kv: _layer_sort_key(kv[0]))
+            p: {
+                "rank": r,
+                **{k: v for k, v in summary.modules.get(p, {}).items() if k != "rank"},
+            }
+            for p, r in sorted(
+                summary.ranks.items(), key=lambda kv: _layer_sort_key(kv[0])
+            )
         },
     }
 
@@ -52,7 +59,9 @@ def render(summary, layers=False):
     ]
     lines += [
         "  " + line
-        for line in describe(summary.ranks, summary.units, summary.base_rank).splitlines()
+        for line in describe(
+            summary.ranks, summary.units, summary.base_rank
+        ).splitlines()
     ]
     if layers:
         width = max(len(p) for p in summary.ranks)

@@ -155,7 +155,9 @@ def resume_lora_parameters(args):
         return None
     params = base_lora_parameters(args)
     if resume is not None:
-        ranks = adapter_read.mlx_ranks(adapter_read.read_safetensors_header(Path(resume)))
+        ranks = adapter_read.mlx_ranks(
+            adapter_read.read_safetensors_header(Path(resume))
+        )
         if any(r != params["rank"] for r in ranks.values()):
             params["rank_pattern"] = ranks
     return params
@@ -190,7 +192,9 @@ def prepare_run(args, model, report=print) -> Run:
     if not _is_main_process():
         report = lambda *a, **k: None  # noqa: E731
     if args.fine_tune_type == "full":
-        raise RankPolicyError("--rank-scaling needs --fine-tune-type lora or dora, not full")
+        raise RankPolicyError(
+            "--rank-scaling needs --fine-tune-type lora or dora, not full"
+        )
     shim = _shim()
     params = base_lora_parameters(args)
     targets = [
@@ -208,7 +212,13 @@ def prepare_run(args, model, report=print) -> Run:
     facts = module_facts([(p, b) for p, b, _ in targets], all_paths, sources, report)
     units = {p: u for p, _, u in targets}
     ranks = assign(
-        scaling, base_rank, facts, units, budget, report, policies=plugins.rank_policies()
+        scaling,
+        base_rank,
+        facts,
+        units,
+        budget,
+        report,
+        policies=plugins.rank_policies(),
     )
     if getattr(args, "resume_adapter_file", None):
         _check_resume(Path(args.resume_adapter_file), ranks)

@@ -79,7 +79,11 @@ def _load_json(path: Path):
 
 
 def _check_bits(path, key, bits):
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits not in VALID_BITS:
+    if (
+        isinstance(bits, bool)
+        or not isinstance(bits, (int, float))
+        or bits not in VALID_BITS
+    ):
         raise MetadataError(
             path, f"{key}: bits must be one of {list(VALID_BITS)}, got {bits!r}"
         )
@@ -87,10 +91,13 @@ def _check_bits(path, key, bits):
 
 
 def _check_kl(path, key, kl):
-    if isinstance(kl, bool) or not isinstance(kl, (int, float)) or not math.isfinite(kl) or kl < 0:
-        raise MetadataError(
-            path, f"{key}: KL must be a finite number >= 0, got {kl!r}"
-        )
+    if (
+        isinstance(kl, bool)
+        or not isinstance(kl, (int, float))
+        or not math.isfinite(kl)
+        or kl < 0
+    ):
+        raise MetadataError(path, f"{key}: KL must be a finite number >= 0, got {kl!r}")
     return float(kl)
 
 
@@ -100,7 +107,9 @@ def read_optiq_metadata(path: Path, name: str) -> Source:
     if per_layer is None and isinstance(data, dict):
         per_layer = (data.get("optimization") or {}).get("per_layer")
     if not isinstance(per_layer, dict):
-        raise MetadataError(path, "no 'per_layer' mapping (top level or under 'optimization')")
+        raise MetadataError(
+            path, "no 'per_layer' mapping (top level or under 'optimization')"
+        )
     source = Source(name, path, sha256=sha)
     for key, entry in per_layer.items():
         if not isinstance(entry, dict) or "bits" not in entry:
@@ -128,7 +137,9 @@ def read_sensitivity(path: Path) -> Source:
         try:
             lowest = min(int(b) for b in (candidates or sens.keys()))
         except ValueError:
-            raise MetadataError(path, f"{layer['layer_name']}: bit-widths must be integers") from None
+            raise MetadataError(
+                path, f"{layer['layer_name']}: bit-widths must be integers"
+            ) from None
         if str(lowest) not in sens:
             raise MetadataError(path, f"{layer['layer_name']}: no KL at {lowest} bits")
         key = layer["layer_name"]

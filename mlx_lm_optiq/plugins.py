@@ -74,7 +74,9 @@ def _collect(hook, what):
 
     def register(name, value):
         if name in found:
-            print(f"mlx-lm-optiq: ignored a second {what} named {name!r}", file=sys.stderr)
+            print(
+                f"mlx-lm-optiq: ignored a second {what} named {name!r}", file=sys.stderr
+            )
         else:
             found[name] = value
 
@@ -84,7 +86,9 @@ def _collect(hook, what):
 
 def rank_policies():
     """``{name: policy}``, built-ins first."""
-    return _collect(get_plugin_manager().hook.optiq_register_rank_policies, "rank policy")
+    return _collect(
+        get_plugin_manager().hook.optiq_register_rank_policies, "rank policy"
+    )
 
 
 def metadata_readers():

@@ -80,9 +80,16 @@ def _sensitivity_modules(source_path, candidates):
     with open(source_path) as f:
         doc = json.load(f)
     read_sensitivity(source_path)  # validates: names the file and the problem
-    missing = [b for b in candidates if str(b) not in {k for l in doc["layers"] for k in l["sensitivities"]}]
+    missing = [
+        b
+        for b in candidates
+        if str(b) not in {k for l in doc["layers"] for k in l["sensitivities"]}
+    ]
     if missing:
-        raise MetadataError(source_path, f"no KL measured at {missing} bits; rerun sensitivity with --bits {','.join(map(str, candidates))}")
+        raise MetadataError(
+            source_path,
+            f"no KL measured at {missing} bits; rerun sensitivity with --bits {','.join(map(str, candidates))}",
+        )
     return {
         layer["layer_name"]: (
             layer["param_count"],
@@ -100,7 +107,9 @@ def quantize(args):
     from .sensitivity import block_linears
 
     model_path = Path(args.model)
-    sensitivity = Path(args.sensitivity) if args.sensitivity else model_path / SENSITIVITY
+    sensitivity = (
+        Path(args.sensitivity) if args.sensitivity else model_path / SENSITIVITY
+    )
     if not sensitivity.is_file():
         raise FileNotFoundError(
             f"{sensitivity}: no sensitivity file; measure it first with "
@@ -109,7 +118,9 @@ def quantize(args):
     modules = _sensitivity_modules(sensitivity, args.bits)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; remove it or pick another path")
+        raise FileExistsError(
+            f"{out} exists and is not empty; remove it or pick another path"
+        )
 
     model, tokenizer, config = mlx_lm.load(str(model_path), return_config=True)
     if "quantization" in config:
@@ -120,10 +131,16 @@ def quantize(args):
     linears = dict(block_linears(model))
     unknown = sorted(set(modules) - set(linears))
     if unknown:
-        raise MetadataError(sensitivity, f"{len(unknown)} layer names are not linear modules of {model_path} (e.g. {unknown[0]})")
+        raise MetadataError(
+            sensitivity,
+            f"{len(unknown)} layer names are not linear modules of {model_path} (e.g. {unknown[0]})",
+        )
     uncovered = sorted(set(linears) - set(modules))
     if uncovered:
-        raise MetadataError(sensitivity, f"no entry for {len(uncovered)} modules (e.g. {uncovered[0]}); was it measured on this model?")
+        raise MetadataError(
+            sensitivity,
+            f"no entry for {len(uncovered)} modules (e.g. {uncovered[0]}); was it measured on this model?",
+        )
 
     chosen, achieved = choose_bits(modules, args.bits, args.group_size, args.target_bpw)
     top = {"bits": max(args.bits), "group_size": args.group_size}
@@ -136,14 +153,19 @@ def quantize(args):
     model, config = quantize_model(
         model, config, args.group_size, min(args.bits), quant_predicate=predicate
     )
-    counts = {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}
+    counts = {
+        b: sum(1 for v in chosen.values() if v == b)
+        for b in sorted(set(chosen.values()))
+    }
     metadata = {
         "method": "greedy: largest KL saved per extra bit, within target_bpw",
         "target_bpw": args.target_bpw,
         "achieved_bpw": round(achieved, 4),
         "candidate_bits": args.bits,
         "group_size": args.group_size,
-        "per_layer": {p: {"bits": b, "group_size": args.group_size} for p, b in chosen.items()},
+        "per_layer": {
+            p: {"bits": b, "group_size": args.group_size} for p, b in chosen.items()
+        },
         "other_modules": top,
     }
 
@@ -176,10 +198,24 @@ def build_parser():
     )
     parser.add_argument("model", help="local float mlx-lm model directory")
     parser.add_argument("-o", "--output", required=True, help="directory to write")
-    parser.add_argument("--target-bpw", type=float, required=True, help="bits per weight budget, e.g. 5.0")
-    parser.add_argument("--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)")
-    parser.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
-    parser.add_argument("--sensitivity", help="sensitivity file (default MODEL/optiq/sensitivity.json)")
+    parser.add_argument(
+        "--target-bpw",
+        type=float,
+        required=True,
+        help="bits per weight budget, e.g. 5.0",
+    )
+    parser.add_argument(
+        "--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)"
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="quantization group size (default 64)",
+    )
+    parser.add_argument(
+        "--sensitivity", help="sensitivity file (default MODEL/optiq/sensitivity.json)"
+    )
     return parser
 
 

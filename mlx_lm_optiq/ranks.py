@@ -56,7 +56,9 @@ def by_kl(base_rank, facts, report=print):
         return by_bits(base_rank, facts, report)
     missing = len(facts) - len(kls)
     if missing:
-        report(f"note: {missing} adapted modules have no KL; they keep rank {base_rank}")
+        report(
+            f"note: {missing} adapted modules have no KL; they keep rank {base_rank}"
+        )
     median = statistics.median(kls)
     ranks = {}
     for path, f in facts.items():
@@ -138,7 +140,9 @@ def assign(policy, base_rank, facts, units, budget="free", report=print, policie
     """
     policies = POLICIES if policies is None else policies
     if not isinstance(base_rank, int) or isinstance(base_rank, bool) or base_rank <= 0:
-        raise RankPolicyError(f"the LoRA rank must be a positive integer, got {base_rank!r}")
+        raise RankPolicyError(
+            f"the LoRA rank must be a positive integer, got {base_rank!r}"
+        )
     if policy not in policies:
         raise RankPolicyError(
             f"unknown rank scaling {policy!r}; choose one of {', '.join(policies)}"

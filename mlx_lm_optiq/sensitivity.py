@@ -118,9 +118,8 @@ def _resume(out, settings):
 
 
 def measure(args):
-    from tqdm import tqdm
-
     import mlx_lm
+    from tqdm import tqdm
 
     from .shim import token_sequences
 
@@ -138,7 +137,9 @@ def measure(args):
             "against the model as loaded (0 for the others)"
         )
     if done:
-        print(f"resuming: {len(done)} of {len(targets)} modules already measured in {out}")
+        print(
+            f"resuming: {len(done)} of {len(targets)} modules already measured in {out}"
+        )
     batches = list(_batches(sequences, args.batch_size))
     reference = [_log_probs(model, tokens) for tokens, _ in batches]
     mx.eval(reference)
@@ -162,7 +163,11 @@ def measure(args):
             bar.update(1)
         in_dims, out_dims = as_float(module).weight.shape[::-1]
         layers.append(
-            {"layer_name": path, "sensitivities": sensitivities, "param_count": in_dims * out_dims}
+            {
+                "layer_name": path,
+                "sensitivities": sensitivities,
+                "param_count": in_dims * out_dims,
+            }
         )
         _write(out, settings, layers, complete=False)
     bar.close()
@@ -192,7 +197,9 @@ def _bits(text):
     try:
         bits = sorted({int(b) for b in text.split(",")})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        )
     if any(b not in (2, 3, 4, 5, 6, 8) for b in bits):
         raise argparse.ArgumentTypeError("bits must be among 2, 3, 4, 5, 6, 8")
     return bits
@@ -206,14 +213,36 @@ def build_parser():
         "MODEL/optiq/sensitivity.json (OptiQ's format).",
     )
     parser.add_argument("model", help="local mlx-lm model directory")
-    parser.add_argument("--data", required=True, help="directory with train.jsonl (mlx-lm formats)")
-    parser.add_argument("--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)")
-    parser.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
-    parser.add_argument("--samples", type=int, default=16, help="training rows to measure on (default 16)")
-    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens per row (default 128)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    parser.add_argument("-o", "--output", help="where to write (default MODEL/optiq/sensitivity.json)")
-    parser.add_argument("--restart", action="store_true", help="ignore a previous partial file")
+    parser.add_argument(
+        "--data", required=True, help="directory with train.jsonl (mlx-lm formats)"
+    )
+    parser.add_argument(
+        "--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)"
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="quantization group size (default 64)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=16,
+        help="training rows to measure on (default 16)",
+    )
+    parser.add_argument(
+        "--max-seq-length", type=int, default=128, help="tokens per row (default 128)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="rows per forward pass (default 8)"
+    )
+    parser.add_argument(
+        "-o", "--output", help="where to write (default MODEL/optiq/sensitivity.json)"
+    )
+    parser.add_argument(
+        "--restart", action="store_true", help="ignore a previous partial file"
+    )
     return parser
 
 

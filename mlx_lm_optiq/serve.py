@@ -44,7 +44,9 @@ class AdapterRegistry:
             return
         for module, (a, b, _) in modules.items():
             if module not in self._dims:
-                raise ValueError(f"{path}: {module} is not a linear layer of the served model")
+                raise ValueError(
+                    f"{path}: {module} is not a linear layer of the served model"
+                )
             in_dims, out_dims = self._dims[module]
             if a.shape[0] != in_dims or b.shape[1] != out_dims:
                 raise ValueError(
@@ -54,7 +56,9 @@ class AdapterRegistry:
 
     def add(self, name, path):
         if not isinstance(name, str) or not NAME.match(name):
-            raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-'")
+            raise ValueError(
+                f"adapter name {name!r}: use letters, digits, '.', '_' or '-'"
+            )
         import mlx.core as mx
 
         modules, _ = load_modules(path)
@@ -103,7 +107,9 @@ class AdapterRegistry:
                 try:
                     self._check(name, entry["path"], entry["modules"])
                 except ValueError as e:
-                    print(f"mlx-lm-optiq: adapter {name!r} unloaded: {e}", file=sys.stderr)
+                    print(
+                        f"mlx-lm-optiq: adapter {name!r} unloaded: {e}", file=sys.stderr
+                    )
                     del self._adapters[name]
             self._layers.clear()
             self._active = None

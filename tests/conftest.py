@@ -84,10 +84,24 @@ def patched_python(tmp_path_factory, mlx_lm_sdist):
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv])
     python = venv / "bin" / "python"
-    run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", src])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "-q",
+            "--no-deps",
+            src,
+        ]
+    )
     site = next((venv / "lib").glob("python3*/site-packages"))
     outer = sysconfig.get_paths()["purelib"]
-    (site / "zz_test_environment.pth").write_text(f"import site; site.addsitedir({outer!r})\n")
+    (site / "zz_test_environment.pth").write_text(
+        f"import site; site.addsitedir({outer!r})\n"
+    )
     return python
 
 
@@ -110,7 +124,9 @@ def cli(request):
     if request.param == "shim":
         return Cli("shim", [BIN / "mlx_lm.lora"], {})
     python = request.getfixturevalue("patched_python")
-    return Cli("patched", [python, "-m", "mlx_lm", "lora"], {"MLX_LM_OPTIQ_DISABLE": "1"})
+    return Cli(
+        "patched", [python, "-m", "mlx_lm", "lora"], {"MLX_LM_OPTIQ_DISABLE": "1"}
+    )
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import mlx.core as mx
 import pytest
 import tiny_model
 from conftest import (
-    BIN,
     TRAIN_ARGS,
     expected_by_bits,
     lora,
@@ -35,7 +34,12 @@ def trained(cli, tmp_path_factory, mixed_model, data_dir):
 
 def test_help_explains_the_new_options(cli):
     out = " ".join(cli.lora("--help").stdout.split())
-    for option in ("--rank-scaling", "{constant,by_bits,by_kl}", "--rank ", "--rank-budget"):
+    for option in (
+        "--rank-scaling",
+        "{constant,by_bits,by_kl}",
+        "--rank ",
+        "--rank-budget",
+    ):
         assert option in out
     assert "8-bit modules get twice the rank" in out
 
@@ -113,7 +117,9 @@ def test_constant_is_byte_identical_to_stock(cli, tmp_path, mixed_model, data_di
 
 def test_without_the_option_mlx_lm_is_untouched(cli, tmp_path, mixed_model, data_dir):
     out = tmp_path / "plain"
-    proc = cli.lora("--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--adapter-path", out)
+    proc = cli.lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--adapter-path", out
+    )
     assert "rank distribution" not in proc.stdout
     assert not (out / "optiq_lora_config.json").exists()
     config = read_json(out / "adapter_config.json")
@@ -131,13 +137,18 @@ def test_python_dash_m_and_yaml_config(cli, tmp_path, mixed_model, data_dir):
         "rank_scaling: by_bits\n"
         "lora_parameters:\n  rank: 2\n  scale: 10.0\n  dropout: 0.0\n"
     )
-    proc = run([cli.python, "-m", "mlx_lm", "lora", "-c", config, *TRAIN_ARGS], env=cli.env)
+    proc = run(
+        [cli.python, "-m", "mlx_lm", "lora", "-c", config, *TRAIN_ARGS], env=cli.env
+    )
     assert "rank distribution: {2: 10, 4: 4} across 14 adapted modules" in proc.stdout
     ranks = mlx_ranks(read_safetensors_header(out / "adapters.safetensors"))
     assert ranks == expected_by_bits(mixed_model, base_rank=2, layers=2)
-    assert read_json(out / "adapter_config.json")["alpha_pattern"][
-        "model.layers.3.mlp.down_proj"
-    ] == 10.0 * 4
+    assert (
+        read_json(out / "adapter_config.json")["alpha_pattern"][
+            "model.layers.3.mlp.down_proj"
+        ]
+        == 10.0 * 4
+    )
 
 
 def test_disable_switch_gives_stock_back(mixed_model, data_dir, tmp_path):
@@ -189,7 +200,10 @@ def test_by_kl_reads_sensitivity_json(cli, tmp_path, mixed_model, data_dir, mode
         "--model", model, "--data", data_dir, *TRAIN_ARGS,
         "--rank-scaling", "by_kl", "--rank", "4", "--adapter-path", out,
     )  # fmt: skip
-    assert "rank distribution: {2: 2, 4: 10, 8: 2} across 14 adapted modules" in proc.stdout
+    assert (
+        "rank distribution: {2: 2, 4: 10, 8: 2} across 14 adapted modules"
+        in proc.stdout
+    )
     ranks = mlx_ranks(read_safetensors_header(out / "adapters.safetensors"))
     assert ranks["model.layers.3.self_attn.q_proj"] == 8
     assert ranks["model.layers.3.self_attn.k_proj"] == 2
@@ -218,7 +232,10 @@ def test_rank_budget_match_stays_under_constant(cli, tmp_path, mixed_model, data
     trainable = sum(a * b for a, b in shapes.values())
     assert 8192 - 96 < trainable <= 8192  # within one module's rank step
     ranks = mlx_ranks(shapes)
-    assert ranks["model.layers.3.self_attn.v_proj"] > ranks["model.layers.3.self_attn.q_proj"]
+    assert (
+        ranks["model.layers.3.self_attn.v_proj"]
+        > ranks["model.layers.3.self_attn.q_proj"]
+    )
     assert f"adapter parameters: {trainable:,}" in proc.stdout
 
 
@@ -230,9 +247,9 @@ def test_resume_mixed_rank_adapter(cli, tmp_path, trained, mixed_model, data_dir
         "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--rank", "4",
         "--resume-adapter-file", resume, "--adapter-path", out,
     )  # fmt: skip
-    assert mlx_ranks(read_safetensors_header(out / "adapters.safetensors")) == mlx_ranks(
-        read_safetensors_header(resume)
-    )
+    assert mlx_ranks(
+        read_safetensors_header(out / "adapters.safetensors")
+    ) == mlx_ranks(read_safetensors_header(resume))
     # with a policy that disagrees with the file: refused, before training
     proc = cli.lora(
         "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,

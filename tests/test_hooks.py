@@ -2,7 +2,6 @@
 
 import inspect
 import json
-import re
 import sys
 
 import pytest
@@ -62,7 +61,9 @@ def by_depth_site(tmp_path_factory):
     return site
 
 
-def test_third_party_rank_policy_through_the_cli(by_depth_site, tmp_path, mixed_model, data_dir):
+def test_third_party_rank_policy_through_the_cli(
+    by_depth_site, tmp_path, mixed_model, data_dir
+):
     out = tmp_path / "a"
     env = {"PYTHONPATH": str(by_depth_site)}
     proc = lora("--help", env=env)
@@ -73,8 +74,11 @@ def test_third_party_rank_policy_through_the_cli(by_depth_site, tmp_path, mixed_
     )  # fmt: skip
     ranks = mlx_ranks(read_safetensors_header(out / "adapters.safetensors"))
     # layers 1, 2, 3 of 4: 0.5x, 1.25x, 2x the base rank of 4
-    assert {int(p.split(".")[2]) : r for p, r in ranks.items()} == {1: 2, 2: 5, 3: 8}
-    assert json.loads((out / "optiq_lora_config.json").read_text())["rank_scaling"] == "by_depth"
+    assert {int(p.split(".")[2]): r for p, r in ranks.items()} == {1: 2, 2: 5, 3: 8}
+    assert (
+        json.loads((out / "optiq_lora_config.json").read_text())["rank_scaling"]
+        == "by_depth"
+    )
 
     # limited away by the environment switch: no longer a choice
     proc = lora(
@@ -88,9 +92,13 @@ def test_a_broken_plugin_is_skipped_with_one_line(tmp_path, mixed_model):
     """A fake entry point, no packaging: a dist-info directory on the path."""
     dist = tmp_path / "broken_plugin-0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0\n"
+    )
     (dist / "entry_points.txt").write_text("[mlx_lm_optiq]\nbroken = broken_plugin\n")
-    (tmp_path / "broken_plugin.py").write_text("raise ImportError('missing dependency xyz')\n")
+    (tmp_path / "broken_plugin.py").write_text(
+        "raise ImportError('missing dependency xyz')\n"
+    )
     proc = lora("--help", env={"PYTHONPATH": str(tmp_path)})
     lines = [l for l in proc.stderr.splitlines() if "broken" in l]
     assert lines == [
@@ -110,7 +118,11 @@ class ExtraReader:
     @staticmethod
     def read(path):
         data = json.loads(path.read_text())
-        return metadata.Source("quant_map.json", path, bits={metadata.canonical(k): v for k, v in data.items()})
+        return metadata.Source(
+            "quant_map.json",
+            path,
+            bits={metadata.canonical(k): v for k, v in data.items()},
+        )
 
 
 def test_third_party_metadata_reader_comes_after_builtins(tmp_path):
@@ -118,13 +130,35 @@ def test_third_party_metadata_reader_comes_after_builtins(tmp_path):
     plugin = ExtraReader()
     pm.register(plugin)
     try:
-        (tmp_path / "quant_map.json").write_text(json.dumps({"model.layers.0.mlp.up_proj": 3}))
-        (tmp_path / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 64, "model.layers.0.mlp.up_proj": {"bits": 8, "group_size": 64}}}))
+        (tmp_path / "quant_map.json").write_text(
+            json.dumps({"model.layers.0.mlp.up_proj": 3})
+        )
+        (tmp_path / "config.json").write_text(
+            json.dumps(
+                {
+                    "quantization": {
+                        "bits": 4,
+                        "group_size": 64,
+                        "model.layers.0.mlp.up_proj": {"bits": 8, "group_size": 64},
+                    }
+                }
+            )
+        )
         names = list(plugins.metadata_readers())
-        assert names == ["optiq/metadata.json", "optiq_metadata.json", "optiq/sensitivity.json", "config.json", "quant_map.json"]
+        assert names == [
+            "optiq/metadata.json",
+            "optiq_metadata.json",
+            "optiq/sensitivity.json",
+            "config.json",
+            "quant_map.json",
+        ]
         sources = metadata.read_sources(tmp_path)
         assert [s.name for s in sources] == ["config.json", "quant_map.json"]
-        facts = metadata.module_facts([("model.layers.0.mlp.up_proj", None)], ["model.layers.0.mlp.up_proj"], sources)
+        facts = metadata.module_facts(
+            [("model.layers.0.mlp.up_proj", None)],
+            ["model.layers.0.mlp.up_proj"],
+            sources,
+        )
         assert facts["model.layers.0.mlp.up_proj"].bits == 8  # config.json comes first
     finally:
         pm.unregister(plugin)
@@ -149,7 +183,17 @@ def test_optiq_adapter_saved_runs_after_the_builtins_wrote(tmp_path, trained_run
     finally:
         pm.unregister(recorder)
     # the built-ins run first, so a plugin sees the files they wrote
-    assert recorder.calls == [("by_bits", ["adapter_config.json", "adapter_model.safetensors", "adapters.safetensors", "optiq_lora_config.json"])]
+    assert recorder.calls == [
+        (
+            "by_bits",
+            [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "adapters.safetensors",
+                "optiq_lora_config.json",
+            ],
+        )
+    ]
 
 
 @pytest.fixture

@@ -62,10 +62,17 @@ def _lora_tensors(ranks, dims, peft=False):
 def test_stock_mlx_lm_adapter(tmp_path):
     mx.save_safetensors(
         str(tmp_path / "adapters.safetensors"),
-        _lora_tensors({f"model.layers.{i}.self_attn.q_proj": 8 for i in range(3)}, (64, 64)),
+        _lora_tensors(
+            {f"model.layers.{i}.self_attn.q_proj": 8 for i in range(3)}, (64, 64)
+        ),
     )
     (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"model": "mlx-community/x", "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.05}})
+        json.dumps(
+            {
+                "model": "mlx-community/x",
+                "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.05},
+            }
+        )
     )
     out = info(tmp_path).stdout
     assert "mlx-lm LoRA adapter" in out
@@ -77,12 +84,38 @@ def test_stock_mlx_lm_adapter(tmp_path):
 
 def test_mlx_optiq_077_adapter(tmp_path):
     ranks = {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.mlp.up_proj": 8}
-    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), _lora_tensors(ranks, (32, 32)))
+    mx.save_safetensors(
+        str(tmp_path / "adapters.safetensors"), _lora_tensors(ranks, (32, 32))
+    )
     (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}, "peft_type": "LORA", "r": 8, "lora_alpha": 160})
+        json.dumps(
+            {
+                "fine_tune_type": "lora",
+                "num_layers": 1,
+                "lora_parameters": {
+                    "rank": 8,
+                    "scale": 20.0,
+                    "dropout": 0.0,
+                    "keys": None,
+                },
+                "peft_type": "LORA",
+                "r": 8,
+                "lora_alpha": 160,
+            }
+        )
     )
     (tmp_path / "optiq_lora_config.json").write_text(
-        json.dumps({"rank": 8, "rank_scaling": "by_bits", "applied_ranks": {"layer_0.self_attn.q_proj": 16, "layer_0.mlp.up_proj": 8}, "source_model": "mlx-community/Qwen3.5-9B-OptiQ-4bit"})
+        json.dumps(
+            {
+                "rank": 8,
+                "rank_scaling": "by_bits",
+                "applied_ranks": {
+                    "layer_0.self_attn.q_proj": 16,
+                    "layer_0.mlp.up_proj": 8,
+                },
+                "source_model": "mlx-community/Qwen3.5-9B-OptiQ-4bit",
+            }
+        )
     )
     out = info(tmp_path).stdout
     assert "OptiQ LoRA adapter (mlx-optiq)" in out
@@ -94,13 +127,25 @@ def test_mlx_optiq_077_adapter(tmp_path):
 def test_peft_adapter(tmp_path):
     from safetensors.numpy import save_file
 
-    ranks = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.v_proj": 12}
+    ranks = {
+        "model.layers.0.self_attn.q_proj": 4,
+        "model.layers.0.self_attn.v_proj": 12,
+    }
     save_file(
         {k: np.array(v) for k, v in _lora_tensors(ranks, (64, 32), peft=True).items()},
         str(tmp_path / "adapter_model.safetensors"),
     )
     (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M", "rank_pattern": {"v_proj": 12}})
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.1,
+                "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M",
+                "rank_pattern": {"v_proj": 12},
+            }
+        )
     )
     out = info(tmp_path).stdout
     assert "PEFT LoRA adapter" in out
@@ -111,7 +156,11 @@ def test_peft_adapter(tmp_path):
 
 @pytest.mark.parametrize(
     "content, problem",
-    [(b"", "too short"), (b"\xff" * 16, "truncated or not a safetensors file"), (b"\x02\x00\x00\x00\x00\x00\x00\x00{]", "bad header")],
+    [
+        (b"", "too short"),
+        (b"\xff" * 16, "truncated or not a safetensors file"),
+        (b"\x02\x00\x00\x00\x00\x00\x00\x00{]", "bad header"),
+    ],
 )
 def test_broken_weights_say_which_file(tmp_path, capsys, content, problem):
     (tmp_path / "adapters.safetensors").write_bytes(content)

@@ -61,10 +61,17 @@ def _mixed_rank_model(model_path, pattern, seed=0):
 def _write_mlx_adapter(path, model, lora_parameters, extra_config=None):
     path.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(
-        str(path / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
+        str(path / "adapters.safetensors"),
+        dict(tree_flatten(model.trainable_parameters())),
     )
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora_parameters}
-    (path / "adapter_config.json").write_text(json.dumps({**config, **(extra_config or {})}))
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": 2,
+        "lora_parameters": lora_parameters,
+    }
+    (path / "adapter_config.json").write_text(
+        json.dumps({**config, **(extra_config or {})})
+    )
 
 
 def test_round_trip_logits(tmp_path, mixed_model):
@@ -97,13 +104,18 @@ def test_adapter_without_rank_pattern_loads_from_shapes(tmp_path, mixed_model):
     model, tok = _mixed_rank_model(mixed_model, pattern)
     before = logits(model, tokens_of(tok))
     adapter = tmp_path / "optiq077"
-    _write_mlx_adapter(adapter, model, {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": None})
+    _write_mlx_adapter(
+        adapter, model, {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": None}
+    )
     (adapter / "optiq_lora_config.json").write_text(
         json.dumps(
             {
                 "rank": 4,
                 "rank_scaling": "by_bits",
-                "applied_ranks": {"layer_3.mlp.down_proj": 16, "layer_3.self_attn.q_proj": 8},
+                "applied_ranks": {
+                    "layer_3.mlp.down_proj": 16,
+                    "layer_3.self_attn.q_proj": 8,
+                },
                 "source_model": "mlx-community/Qwen3.5-9B-OptiQ-4bit",
             }
         )
@@ -120,7 +132,9 @@ def test_adapter_without_rank_pattern_loads_from_shapes(tmp_path, mixed_model):
         _startup.install()
 
 
-def test_rank_pattern_for_modules_that_are_not_adapted_is_refused(tmp_path, mixed_model):
+def test_rank_pattern_for_modules_that_are_not_adapted_is_refused(
+    tmp_path, mixed_model
+):
     model, _ = _mixed_rank_model(mixed_model, {"model.layers.3.self_attn.q_proj": 8})
     params = {
         "rank": 4, "scale": 20.0, "dropout": 0.0,

@@ -17,7 +17,10 @@ TARGETS = [
     ("model.layers.1.self_attn.v_proj", 8),
     ("model.layers.1.mlp.down_proj", 4),
 ]
-ALL = [p for p, _ in TARGETS] + ["model.layers.0.self_attn.q_proj", "model.embed_tokens"]
+ALL = [p for p, _ in TARGETS] + [
+    "model.layers.0.self_attn.q_proj",
+    "model.embed_tokens",
+]
 
 
 def write(path, obj):
@@ -51,22 +54,42 @@ def test_unquantized_modules_of_a_quantized_model_count_as_16_bits(tmp_path):
     targets = [(p, None if "down" in p else b) for p, b in TARGETS]
     facts = module_facts(targets, ALL, [])
     assert facts["model.layers.1.mlp.down_proj"].bits == 16
-    assert module_facts([(p, None) for p, _ in TARGETS], ALL, [])[
-        "model.layers.1.mlp.down_proj"
-    ].bits is None
+    assert (
+        module_facts([(p, None) for p, _ in TARGETS], ALL, [])[
+            "model.layers.1.mlp.down_proj"
+        ].bits
+        is None
+    )
 
 
 @pytest.mark.parametrize("layout", ["top", "optimization", "legacy"])
 def test_optiq_metadata_wins_over_config(tmp_path, layout):
     per_layer = {
         "language_model.model.layers.1.self_attn.q_proj": {"bits": 8, "group_size": 64},
-        "language_model.model.layers.1.self_attn.v_proj": {"bits": 8, "group_size": 64, "kl": 0.5},
+        "language_model.model.layers.1.self_attn.v_proj": {
+            "bits": 8,
+            "group_size": 64,
+            "kl": 0.5,
+        },
         "language_model.model.layers.1.mlp.down_proj": {"bits": 16, "group_size": 64},
     }
-    doc = {"per_layer": per_layer} if layout != "optimization" else {"optimization": {"per_layer": per_layer}}
+    doc = (
+        {"per_layer": per_layer}
+        if layout != "optimization"
+        else {"optimization": {"per_layer": per_layer}}
+    )
     name = "optiq_metadata.json" if layout == "legacy" else "optiq/metadata.json"
     write(tmp_path / name, doc)
-    write(tmp_path / "config.json", {"quantization": {"bits": 4, "group_size": 64, "model.layers.1.self_attn.q_proj": {"bits": 4, "group_size": 64}}})
+    write(
+        tmp_path / "config.json",
+        {
+            "quantization": {
+                "bits": 4,
+                "group_size": 64,
+                "model.layers.1.self_attn.q_proj": {"bits": 4, "group_size": 64},
+            }
+        },
+    )
     said = []
     facts = module_facts(TARGETS, ALL, read_sources(tmp_path), report=said.append)
     q = facts["model.layers.1.self_attn.q_proj"]
@@ -79,7 +102,17 @@ def test_optiq_metadata_wins_over_config(tmp_path, layout):
 
 
 def test_config_json_per_module_entries(tmp_path):
-    write(tmp_path / "config.json", {"quantization": {"bits": 4, "group_size": 64, "model.layers.1.self_attn.v_proj": {"bits": 8, "group_size": 64}, "model.layers.1.mlp.down_proj": False}})
+    write(
+        tmp_path / "config.json",
+        {
+            "quantization": {
+                "bits": 4,
+                "group_size": 64,
+                "model.layers.1.self_attn.v_proj": {"bits": 8, "group_size": 64},
+                "model.layers.1.mlp.down_proj": False,
+            }
+        },
+    )
     facts = module_facts([(p, None) for p, _ in TARGETS], ALL, read_sources(tmp_path))
     assert facts["model.layers.1.self_attn.v_proj"].bits == 8
     assert facts["model.layers.1.self_attn.v_proj"].bits_source == "config.json"
@@ -89,14 +122,25 @@ def test_config_json_per_module_entries(tmp_path):
 
 
 def test_sensitivity_json_uses_lowest_candidate_bits(tmp_path):
-    write(tmp_path / "optiq/sensitivity.json", {
-        "metric": "kl_divergence_vs_reference",
-        "candidate_bits": [4, 8],
-        "layers": [
-            {"layer_name": "model.layers.1.self_attn.q_proj", "sensitivities": {"4": 0.3, "8": 0.01}, "param_count": 10},
-            {"layer_name": "model.layers.9.self_attn.q_proj", "sensitivities": {"4": 0.3, "8": 0.01}, "param_count": 10},
-        ],
-    })
+    write(
+        tmp_path / "optiq/sensitivity.json",
+        {
+            "metric": "kl_divergence_vs_reference",
+            "candidate_bits": [4, 8],
+            "layers": [
+                {
+                    "layer_name": "model.layers.1.self_attn.q_proj",
+                    "sensitivities": {"4": 0.3, "8": 0.01},
+                    "param_count": 10,
+                },
+                {
+                    "layer_name": "model.layers.9.self_attn.q_proj",
+                    "sensitivities": {"4": 0.3, "8": 0.01},
+                    "param_count": 10,
+                },
+            ],
+        },
+    )
     said = []
     facts = module_facts(TARGETS, ALL, read_sources(tmp_path), report=said.append)
     assert facts["model.layers.1.self_attn.q_proj"].kl == 0.3
@@ -106,7 +150,15 @@ def test_sensitivity_json_uses_lowest_candidate_bits(tmp_path):
 
 
 def test_keys_for_modules_that_exist_but_are_not_adapted_are_not_warned(tmp_path):
-    write(tmp_path / "optiq/metadata.json", {"per_layer": {"model.layers.0.self_attn.q_proj": {"bits": 8}, **{p: {"bits": b} for p, b in TARGETS}}})
+    write(
+        tmp_path / "optiq/metadata.json",
+        {
+            "per_layer": {
+                "model.layers.0.self_attn.q_proj": {"bits": 8},
+                **{p: {"bits": b} for p, b in TARGETS},
+            }
+        },
+    )
     said = []
     module_facts(TARGETS, ALL, read_sources(tmp_path), report=said.append)
     assert not [s for s in said if "warning" in s]
@@ -116,12 +168,35 @@ def test_keys_for_modules_that_exist_but_are_not_adapted_are_not_warned(tmp_path
     "name, content, problem",
     [
         ("optiq/metadata.json", '{"per_layer": {"a": {"bits": 4}', "not valid JSON"),
-        ("optiq/metadata.json", {"per_layer": {"a": {"group_size": 64}}}, "has no 'bits'"),
-        ("optiq/metadata.json", {"per_layer": {"a": {"bits": 7}}}, "bits must be one of"),
+        (
+            "optiq/metadata.json",
+            {"per_layer": {"a": {"group_size": 64}}},
+            "has no 'bits'",
+        ),
+        (
+            "optiq/metadata.json",
+            {"per_layer": {"a": {"bits": 7}}},
+            "bits must be one of",
+        ),
         ("optiq/metadata.json", {"layers": []}, "no 'per_layer'"),
-        ("optiq_metadata.json", {"per_layer": {"a": {"bits": 4, "kl": -1}}}, "KL must be a finite number"),
-        ("optiq/sensitivity.json", {"layers": [{"layer_name": "a", "sensitivities": {"4": float("nan")}}]}, "KL must be a finite number"),
-        ("optiq/sensitivity.json", {"candidate_bits": [3, 4], "layers": [{"layer_name": "a", "sensitivities": {"4": 1.0}}]}, "no KL at 3 bits"),
+        (
+            "optiq_metadata.json",
+            {"per_layer": {"a": {"bits": 4, "kl": -1}}},
+            "KL must be a finite number",
+        ),
+        (
+            "optiq/sensitivity.json",
+            {"layers": [{"layer_name": "a", "sensitivities": {"4": float("nan")}}]},
+            "KL must be a finite number",
+        ),
+        (
+            "optiq/sensitivity.json",
+            {
+                "candidate_bits": [3, 4],
+                "layers": [{"layer_name": "a", "sensitivities": {"4": 1.0}}],
+            },
+            "no KL at 3 bits",
+        ),
         ("config.json", "{", "not valid JSON"),
     ],
 )

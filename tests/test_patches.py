@@ -7,7 +7,6 @@ The end-to-end CLI tests themselves run on the patched mlx-lm too (the
 import json
 import sys
 
-import pytest
 from conftest import ROOT, TRAIN_ARGS, run
 
 from mlx_lm_optiq import mlx_lm_hookspecs
@@ -31,7 +30,9 @@ def test_patch_hookspecs_match_the_backport():
     text = next(patch).read_text()
     added = "\n".join(
         line[1:]
-        for line in text.split("+++ b/mlx_lm/plugins.py", 1)[1].split("\ndiff --git", 1)[0].splitlines()
+        for line in text.split("+++ b/mlx_lm/plugins.py", 1)[1]
+        .split("\ndiff --git", 1)[0]
+        .splitlines()
         if line.startswith("+")
     )
     backport = open(mlx_lm_hookspecs.__file__).read()
@@ -45,7 +46,9 @@ def test_shim_stands_down_on_patched_mlx_lm(patched_python):
 
 
 def test_upstream_unittest_of_patch_0001(patched_python):
-    src = next(p for p in patched_python.parents[1].parent.glob("mlx_lm-*") if p.is_dir())
+    src = next(
+        p for p in patched_python.parents[1].parent.glob("mlx_lm-*") if p.is_dir()
+    )
     proc = run(
         [patched_python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          src / "tests" / "test_finetune.py", "-k", "rank_pattern or TestLora"],
@@ -69,7 +72,9 @@ def _json_without(path, *keys):
     return doc
 
 
-def test_same_files_with_shim_and_patches(tmp_path, patched_python, mixed_model, data_dir):
+def test_same_files_with_shim_and_patches(
+    tmp_path, patched_python, mixed_model, data_dir
+):
     shim, patched = tmp_path / "shim", tmp_path / "patched"
     _train([sys.executable, "-m", "mlx_lm", "lora"], {}, shim, mixed_model, data_dir)
     _train(
@@ -79,7 +84,9 @@ def test_same_files_with_shim_and_patches(tmp_path, patched_python, mixed_model,
         mixed_model,
         data_dir,
     )
-    assert sorted(p.name for p in shim.iterdir()) == sorted(p.name for p in patched.iterdir())
+    assert sorted(p.name for p in shim.iterdir()) == sorted(
+        p.name for p in patched.iterdir()
+    )
     for name in ("adapters.safetensors", "adapter_model.safetensors"):
         assert (shim / name).read_bytes() == (patched / name).read_bytes(), name
     assert _json_without(shim / "adapter_config.json", "adapter_path") == _json_without(
@@ -90,7 +97,9 @@ def test_same_files_with_shim_and_patches(tmp_path, patched_python, mixed_model,
     )
 
 
-def test_patched_generate_loads_mixed_ranks(tmp_path, patched_python, mixed_model, data_dir):
+def test_patched_generate_loads_mixed_ranks(
+    tmp_path, patched_python, mixed_model, data_dir
+):
     adapter = tmp_path / "a"
     _train([sys.executable, "-m", "mlx_lm", "lora"], {}, adapter, mixed_model, data_dir)
     args = ["-m", "mlx_lm", "generate", "--model", mixed_model, "--adapter-path", adapter,
@@ -99,5 +108,7 @@ def test_patched_generate_loads_mixed_ranks(tmp_path, patched_python, mixed_mode
     patched = run([patched_python, *args], env={"MLX_LM_OPTIQ_DISABLE": "1"}).stdout
     # stock mlx-lm without the plugin can't; with the shim it prints the same
     stock = run([sys.executable, *args], env={"MLX_LM_OPTIQ_DISABLE": "1"}, check=False)
-    assert stock.returncode != 0 and "does not match model parameter shape" in stock.stderr
+    assert (
+        stock.returncode != 0 and "does not match model parameter shape" in stock.stderr
+    )
     assert patched == run([sys.executable, *args]).stdout

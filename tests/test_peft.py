@@ -42,7 +42,9 @@ def to_transformers(mlx_dir, out):
 
     model, _ = mlx_lm.load(str(mlx_dir))
     model = dequantize_model(model)
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    weights = {
+        k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())
+    }
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = read_json(mlx_dir / "config.json")
@@ -57,7 +59,9 @@ def to_transformers(mlx_dir, out):
 def arch_setup(request, models, data_dir, tmp_path_factory):
     """A mixed 4/8-bit tiny model, its transformers twin, and a by_bits adapter."""
     arch = request.param
-    mlx_dir = tiny_model.build_model(models / f"{arch}-peft", arch=arch, quantize="mixed")
+    mlx_dir = tiny_model.build_model(
+        models / f"{arch}-peft", arch=arch, quantize="mixed"
+    )
     hf_dir = to_transformers(mlx_dir, models / f"{arch}-hf")
     adapter = tmp_path_factory.mktemp(f"{arch}-adapter") / "a"
     lora(
@@ -75,7 +79,9 @@ def llama_pair(models):
 
 
 def hf_base(hf_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32
+    ).eval()
 
 
 def test_written_peft_layout_reproduces_mlx_logits(arch_setup):
@@ -98,7 +104,15 @@ def test_written_peft_layout_reproduces_mlx_logits(arch_setup):
         if hasattr(m, "r") and "default" in getattr(m, "r", {})
     }
     kinds = {p.rsplit(".", 1)[-1] for p in ranks}
-    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert kinds == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert ranks["model.layers.3.self_attn.v_proj"] == 8
     assert ranks["model.layers.3.self_attn.k_proj"] == 4
     assert len(ranks) == 14
@@ -119,7 +133,10 @@ def _warnings_from(load, caplog, capfd):
     """Everything ``load()`` warns about, through warnings, logging or stderr."""
     capfd.readouterr()
     caplog.clear()
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        caplog.at_level(logging.WARNING),
+    ):
         warnings.simplefilter("always")
         result = load()
     _, err = capfd.readouterr()
@@ -131,7 +148,10 @@ def test_clean_peft_export_loads_without_warnings(arch_setup, tmp_path, caplog, 
     arch, mlx_dir, hf_dir, adapter = arch_setup
     out = tmp_path / "peft"
     assert export([str(adapter), "--peft", str(out), "--base", str(hf_dir)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = read_json(out / "adapter_config.json")
     assert "lora_parameters" not in config and "num_layers" not in config
     expected = mlx_logits(mlx_lm.load(str(mlx_dir), adapter_path=str(adapter))[0])
@@ -140,7 +160,9 @@ def test_clean_peft_export_loads_without_warnings(arch_setup, tmp_path, caplog, 
     # this transformers release warns about its own deprecations there.
     _peft_adapter(hf_dir, tmp_path / "native", r=4, target_modules=["q_proj"])
     _, baseline = _warnings_from(
-        lambda: peft.PeftModel.from_pretrained(hf_base(hf_dir), str(tmp_path / "native")),
+        lambda: peft.PeftModel.from_pretrained(
+            hf_base(hf_dir), str(tmp_path / "native")
+        ),
         caplog,
         capfd,
     )
@@ -153,7 +175,9 @@ def test_clean_peft_export_loads_without_warnings(arch_setup, tmp_path, caplog, 
 
     # the combined directory loads too, but PEFT warns about mlx-lm's keys
     _, said = _warnings_from(
-        lambda: peft.PeftModel.from_pretrained(hf_base(hf_dir), str(adapter)), caplog, capfd
+        lambda: peft.PeftModel.from_pretrained(hf_base(hf_dir), str(adapter)),
+        caplog,
+        capfd,
     )
     assert any("Unexpected keyword arguments" in w for w in said)
 
@@ -191,12 +215,22 @@ PEFT_CASES = {
     "patterns": dict(
         r=4,
         lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         rank_pattern={"v_proj": 12, r"layers\.1\.mlp\.down_proj": 6},
         alpha_pattern={"k_proj": 32, "layers.2.self_attn.q_proj": 3},
         layers_to_transform=[1, 2],
     ),
-    "rslora": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "down_proj"]),
+    "rslora": dict(
+        r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "down_proj"]
+    ),
 }
 
 
@@ -226,7 +260,12 @@ def test_peft_adapter_pads_for_stock_mlx_lm(arch_setup, tmp_path):
 def test_pattern_keys_follow_peft():
     from peft.utils.other import get_pattern_key
 
-    patterns = ["v_proj", r"layers\.1\.mlp\.down_proj", "q_proj", "layers.2.self_attn.q_proj"]
+    patterns = [
+        "v_proj",
+        r"layers\.1\.mlp\.down_proj",
+        "q_proj",
+        "layers.2.self_attn.q_proj",
+    ]
     for path in [
         "model.layers.1.mlp.down_proj",
         "model.layers.11.mlp.down_proj",
@@ -250,19 +289,25 @@ def test_pattern_keys_follow_peft():
 )
 def test_unsupported_peft_variants_are_refused(llama_pair, tmp_path, config, feature):
     mlx_dir, hf_dir = llama_pair
-    _peft_adapter(hf_dir, tmp_path / "a", **{"r": 4, "target_modules": ["q_proj"], **config})
+    _peft_adapter(
+        hf_dir, tmp_path / "a", **{"r": 4, "target_modules": ["q_proj"], **config}
+    )
     with pytest.raises(ValueError, match=feature):
         mlx_lm.load(str(mlx_dir), adapter_path=str(tmp_path / "a"))
 
 
-def test_adapter_for_another_base_is_refused_before_any_change(llama_pair, tmp_path, models):
+def test_adapter_for_another_base_is_refused_before_any_change(
+    llama_pair, tmp_path, models
+):
     _, hf_dir = llama_pair
     _peft_adapter(hf_dir, tmp_path / "a", r=4, target_modules=["q_proj"])
     wider = tiny_model.build_model(models / "llama-wide", hidden=128, intermediate=256)
     model, _ = mlx_lm.load(str(wider))
     from mlx_lm_optiq.shim import load_peft_adapter
 
-    with pytest.raises(ValueError, match="adapts a 128->128 layer .* another base model"):
+    with pytest.raises(
+        ValueError, match="adapts a 128->128 layer .* another base model"
+    ):
         load_peft_adapter(model, tmp_path / "a")
     assert type(model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
 
@@ -274,7 +319,9 @@ def test_unverified_architecture_is_refused(tmp_path, by_bits_adapter):
     copy.mkdir()
     for f in ("adapters.safetensors", "adapter_config.json"):
         (copy / f).write_bytes((by_bits_adapter / f).read_bytes())
-    (copy / "optiq_lora_config.json").write_text(json.dumps({**sidecar, "model_type": "gemma3"}))
+    (copy / "optiq_lora_config.json").write_text(
+        json.dumps({**sidecar, "model_type": "gemma3"})
+    )
     assert export([str(copy), "--peft", str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out").exists()
 

@@ -15,7 +15,10 @@ from mlx_lm_optiq.ranks import (
 
 
 def facts(**bits_kl):
-    return {p: ModuleFacts(b, "test", kl, "test" if kl is not None else None) for p, (b, kl) in bits_kl.items()}
+    return {
+        p: ModuleFacts(b, "test", kl, "test" if kl is not None else None)
+        for p, (b, kl) in bits_kl.items()
+    }
 
 
 def test_constant():
@@ -25,7 +28,16 @@ def test_constant():
 
 @pytest.mark.parametrize(
     "bits, base, rank",
-    [(4, 8, 8), (8, 8, 16), (3, 8, 6), (2, 8, 4), (16, 8, 32), (3, 5, 4), (2, 2, 2), (2, 1, 2)],
+    [
+        (4, 8, 8),
+        (8, 8, 16),
+        (3, 8, 6),
+        (2, 8, 4),
+        (16, 8, 32),
+        (3, 5, 4),
+        (2, 2, 2),
+        (2, 1, 2),
+    ],
 )
 def test_by_bits_is_ceil_r_bits_over_4_with_floor(bits, base, rank):
     assert assign("by_bits", base, facts(m=(bits, None)), {"m": 10}) == {"m": rank}
@@ -45,7 +57,13 @@ def test_by_kl_clips_to_half_and_double_of_median():
 
 def test_by_kl_falls_back_to_by_bits_and_says_so():
     said = []
-    ranks = assign("by_kl", 4, facts(a=(4, None), b=(8, None)), {"a": 1, "b": 1}, report=said.append)
+    ranks = assign(
+        "by_kl",
+        4,
+        facts(a=(4, None), b=(8, None)),
+        {"a": 1, "b": 1},
+        report=said.append,
+    )
     assert ranks == {"a": 4, "b": 8}
     assert any("falls back to by_bits" in line for line in said)
 

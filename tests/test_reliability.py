@@ -34,20 +34,76 @@ def model_copy(tmp_path, mixed_model):
 
 
 BAD_METADATA = [
-    ("optiq/metadata.json", '{"per_layer": {"model.layers.3.mlp.up_proj": {"bits": 8', "not valid JSON"),
-    ("optiq_metadata.json", {"per_layer": {"model.layers.3.mlp.up_proj": {"group_size": 64}}}, "has no 'bits'"),
-    ("optiq/metadata.json", {"per_layer": {"model.layers.3.mlp.up_proj": {"bits": 7}}}, "bits must be one of"),
-    ("optiq/metadata.json", {"optimization": {"per_layer": {"model.layers.3.mlp.up_proj": {"bits": 32}}}}, "bits must be one of"),
-    ("optiq/sensitivity.json", {"candidate_bits": [4, 8], "layers": [{"layer_name": "model.layers.3.mlp.up_proj", "sensitivities": {"4": math.nan, "8": 0.0}}]}, "KL must be a finite number"),
-    ("optiq/sensitivity.json", {"candidate_bits": [4, 8], "layers": [{"layer_name": "model.layers.3.mlp.up_proj", "sensitivities": {"4": math.inf, "8": 0.0}}]}, "KL must be a finite number"),
-    ("optiq/sensitivity.json", {"candidate_bits": [4, 8], "layers": [{"layer_name": "model.layers.3.mlp.up_proj", "sensitivities": {"4": -0.5, "8": 0.0}}]}, "KL must be a finite number"),
+    (
+        "optiq/metadata.json",
+        '{"per_layer": {"model.layers.3.mlp.up_proj": {"bits": 8',
+        "not valid JSON",
+    ),
+    (
+        "optiq_metadata.json",
+        {"per_layer": {"model.layers.3.mlp.up_proj": {"group_size": 64}}},
+        "has no 'bits'",
+    ),
+    (
+        "optiq/metadata.json",
+        {"per_layer": {"model.layers.3.mlp.up_proj": {"bits": 7}}},
+        "bits must be one of",
+    ),
+    (
+        "optiq/metadata.json",
+        {"optimization": {"per_layer": {"model.layers.3.mlp.up_proj": {"bits": 32}}}},
+        "bits must be one of",
+    ),
+    (
+        "optiq/sensitivity.json",
+        {
+            "candidate_bits": [4, 8],
+            "layers": [
+                {
+                    "layer_name": "model.layers.3.mlp.up_proj",
+                    "sensitivities": {"4": math.nan, "8": 0.0},
+                }
+            ],
+        },
+        "KL must be a finite number",
+    ),
+    (
+        "optiq/sensitivity.json",
+        {
+            "candidate_bits": [4, 8],
+            "layers": [
+                {
+                    "layer_name": "model.layers.3.mlp.up_proj",
+                    "sensitivities": {"4": math.inf, "8": 0.0},
+                }
+            ],
+        },
+        "KL must be a finite number",
+    ),
+    (
+        "optiq/sensitivity.json",
+        {
+            "candidate_bits": [4, 8],
+            "layers": [
+                {
+                    "layer_name": "model.layers.3.mlp.up_proj",
+                    "sensitivities": {"4": -0.5, "8": 0.0},
+                }
+            ],
+        },
+        "KL must be a finite number",
+    ),
     ("optiq/sensitivity.json", '{"layers": [', "not valid JSON"),
 ]
 # A broken config.json is mlx-lm's to report: it can't load the model at all.
 
 
-@pytest.mark.parametrize("name, content, problem", BAD_METADATA, ids=[f"{n}:{p}" for n, _, p in BAD_METADATA])
-def test_bad_metadata_is_refused_and_nothing_changes(model_copy, data_dir, existing_adapter, name, content, problem):
+@pytest.mark.parametrize(
+    "name, content, problem", BAD_METADATA, ids=[f"{n}:{p}" for n, _, p in BAD_METADATA]
+)
+def test_bad_metadata_is_refused_and_nothing_changes(
+    model_copy, data_dir, existing_adapter, name, content, problem
+):
     path = model_copy / name
     path.parent.mkdir(exist_ok=True)
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -63,8 +119,12 @@ def test_bad_metadata_is_refused_and_nothing_changes(model_copy, data_dir, exist
 
 def test_keys_that_match_no_module_are_listed(model_copy, data_dir, tmp_path):
     (model_copy / "optiq").mkdir()
-    per_layer = {f"model.layers.{i}.mlp.up_proj": {"bits": 4} for i in (2, 3, 40, 41, 42, 43)}
-    (model_copy / "optiq" / "metadata.json").write_text(json.dumps({"per_layer": per_layer}))
+    per_layer = {
+        f"model.layers.{i}.mlp.up_proj": {"bits": 4} for i in (2, 3, 40, 41, 42, 43)
+    }
+    (model_copy / "optiq" / "metadata.json").write_text(
+        json.dumps({"per_layer": per_layer})
+    )
     proc = lora(
         "--model", model_copy, "--data", data_dir, *TRAIN_ARGS,
         "--rank-scaling", "by_bits", "--adapter-path", tmp_path / "a",
@@ -78,9 +138,14 @@ def test_keys_that_match_no_module_are_listed(model_copy, data_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "content, problem",
-    [(b"\x00\x01", "too short"), (b"not a safetensors file at all", "truncated or not a safetensors file")],
+    [
+        (b"\x00\x01", "too short"),
+        (b"not a safetensors file at all", "truncated or not a safetensors file"),
+    ],
 )
-def test_broken_adapter_file_is_refused(tmp_path, by_bits_adapter, mixed_model, data_dir, content, problem):
+def test_broken_adapter_file_is_refused(
+    tmp_path, by_bits_adapter, mixed_model, data_dir, content, problem
+):
     adapter = tmp_path / "broken"
     shutil.copytree(by_bits_adapter, adapter)
     (adapter / "adapters.safetensors").write_bytes(content)
@@ -110,7 +175,9 @@ def _untouched(model):
     return all(type(m).__name__ != "LoRALinear" for _, m in model.named_modules())
 
 
-def test_shapes_contradicting_rank_pattern_are_refused_before_any_change(tmp_path, by_bits_adapter, mixed_model):
+def test_shapes_contradicting_rank_pattern_are_refused_before_any_change(
+    tmp_path, by_bits_adapter, mixed_model
+):
     adapter = tmp_path / "contradiction"
     shutil.copytree(by_bits_adapter, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -119,12 +186,17 @@ def test_shapes_contradicting_rank_pattern_are_refused_before_any_change(tmp_pat
     model, _ = mlx_lm.load(str(mixed_model))
     from mlx_lm.tuner.utils import load_adapters
 
-    with pytest.raises(ValueError, match=r"v_proj.lora_a has shape \(64, 8\) .* rank_pattern needs \(64, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"v_proj.lora_a has shape \(64, 8\) .* rank_pattern needs \(64, 16\)",
+    ):
         load_adapters(model, str(adapter))
     assert _untouched(model)
 
 
-def test_adapter_for_another_base_model_is_refused_before_any_change(tmp_path, by_bits_adapter, models):
+def test_adapter_for_another_base_model_is_refused_before_any_change(
+    tmp_path, by_bits_adapter, models
+):
     import tiny_model
 
     wider = tiny_model.build_model(models / "llama-wider", hidden=128, intermediate=256)
@@ -180,20 +252,31 @@ def test_missing_dependency_fails_open(tmp_path, mixed_model):
     assert proc.stderr.splitlines() == [
         "mlx-lm-optiq: not active, mlx-lm runs unmodified (ImportError: pluggy is broken)"
     ]
-    proc = lora("--model", mixed_model, "--rank-scaling", "by_bits", env=env, check=False)
+    proc = lora(
+        "--model", mixed_model, "--rank-scaling", "by_bits", env=env, check=False
+    )
     assert proc.returncode == 1
-    assert "--rank-scaling was asked for, but the plugin could not hook into mlx-lm" in proc.stderr
+    assert (
+        "--rank-scaling was asked for, but the plugin could not hook into mlx-lm"
+        in proc.stderr
+    )
 
 
 def test_stock_tuner_tests_pass_with_the_plugin(mlx_lm_sdist):
-    tests = [mlx_lm_sdist / "tests" / f for f in ("test_finetune.py", "test_tuner_utils.py", "test_tuner_trainer.py")]
+    tests = [
+        mlx_lm_sdist / "tests" / f
+        for f in ("test_finetune.py", "test_tuner_utils.py", "test_tuner_trainer.py")
+    ]
     code = "import mlx_lm.lora, sys; sys.exit(0 if hasattr(mlx_lm.lora.train_model, '__optiq_original__') else 1)"
     run([sys.executable, "-c", code])  # the plugin is active in these runs
-    proc = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=mlx_lm_sdist)
+    proc = run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=mlx_lm_sdist,
+    )
     assert " passed" in proc.stdout and "failed" not in proc.stdout
 
 
-RECORDER = '''
+RECORDER = """
 import json, os
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -205,7 +288,7 @@ def mlx_lm_lora_adapter_saved(args, model, adapter_path):
     ranks = {k[: -len(".lora_a")]: v.shape[1] for k, v in tree_flatten(model.parameters()) if k.endswith(".lora_a")}
     with open(os.path.join(os.environ["RECORD_DIR"], f"ranks-{rank}.json"), "w") as f:
         json.dump({"ranks": ranks, "files": sorted(os.listdir(adapter_path))}, f)
-'''
+"""
 
 
 def test_distributed_training_two_processes(tmp_path, mixed_model, data_dir):
@@ -213,7 +296,9 @@ def test_distributed_training_two_processes(tmp_path, mixed_model, data_dir):
     plugin_dir = tmp_path / "plugin"
     dist = plugin_dir / "recorder-0.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: recorder\nVersion: 0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: recorder\nVersion: 0\n"
+    )
     (dist / "entry_points.txt").write_text("[mlx_lm]\nrecorder = rank_recorder\n")
     (plugin_dir / "rank_recorder.py").write_text(RECORDER)
     record = tmp_path / "record"
@@ -235,5 +320,8 @@ def test_distributed_training_two_processes(tmp_path, mixed_model, data_dir):
         "adapter_config.json", "adapter_model.safetensors",
         "adapters.safetensors", "optiq_lora_config.json",
     ]  # fmt: skip
-    assert mlx_ranks(read_safetensors_header(out / "adapters.safetensors")) == per_process[0]["ranks"]
+    assert (
+        mlx_ranks(read_safetensors_header(out / "adapters.safetensors"))
+        == per_process[0]["ranks"]
+    )
     mlx_lm.load(str(mixed_model), adapter_path=str(out))

@@ -17,12 +17,16 @@ MEASURE = ["--group-size", "32", "--samples", "8", "--max-seq-length", "32"]
 
 
 def tool(name, *args, check=True):
-    return run([sys.executable, "-m", f"mlx_lm_optiq.{name}", *map(str, args)], check=check)
+    return run(
+        [sys.executable, "-m", f"mlx_lm_optiq.{name}", *map(str, args)], check=check
+    )
 
 
 @pytest.fixture(scope="module")
 def fragile_model(models):
-    return tiny_model.build_model(models / "llama-fragile", quantize=None, fragile=FRAGILE)
+    return tiny_model.build_model(
+        models / "llama-fragile", quantize=None, fragile=FRAGILE
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,9 @@ def measured(fragile_model, data_dir):
 def quantized(measured, tmp_path_factory):
     model, _ = measured
     out = tmp_path_factory.mktemp("quantized") / "q"
-    proc = tool("quantize", model, "-o", out, "--target-bpw", "5.5", "--group-size", "32")
+    proc = tool(
+        "quantize", model, "-o", out, "--target-bpw", "5.5", "--group-size", "32"
+    )
     return out, proc
 
 
@@ -43,7 +49,9 @@ def test_fragile_module_has_the_largest_kl(measured):
     model, proc = measured
     doc = json.loads((model / "optiq" / "sensitivity.json").read_text())
     assert doc["metric"] == "kl_divergence_vs_reference"
-    assert doc["candidate_bits"] == [4, 8] and doc["group_size"] == 32 and doc["complete"]
+    assert (
+        doc["candidate_bits"] == [4, 8] and doc["group_size"] == 32 and doc["complete"]
+    )
     assert len(doc["layers"]) == 4 * 7
     kl4 = {l["layer_name"]: l["sensitivities"]["4"] for l in doc["layers"]}
     kl8 = {l["layer_name"]: l["sensitivities"]["8"] for l in doc["layers"]}
@@ -51,7 +59,10 @@ def test_fragile_module_has_the_largest_kl(measured):
     assert kl4[FRAGILE] > 1.5 * sorted(kl4.values())[-2]
     assert all(0 <= kl8[p] < kl4[p] for p in kl4)
     params = {l["layer_name"]: l["param_count"] for l in doc["layers"]}
-    assert params[FRAGILE] == 128 * 64 and params["model.layers.0.self_attn.k_proj"] == 64 * 32
+    assert (
+        params[FRAGILE] == 128 * 64
+        and params["model.layers.0.self_attn.k_proj"] == 64 * 32
+    )
     # a progress bar with an ETA, and a summary line
     assert "sensitivity: 100%" in proc.stderr and "<00:00" in proc.stderr
     assert f"most sensitive at 4 bits: {FRAGILE}" in proc.stdout
@@ -61,7 +72,9 @@ def test_resume_skips_measured_modules(measured, tmp_path, data_dir):
     model, _ = measured
     doc = json.loads((model / "optiq" / "sensitivity.json").read_text())
     partial = dict(doc, complete=False, layers=doc["layers"][:5])
-    partial["layers"][0] = dict(partial["layers"][0], sensitivities={"4": 123.0, "8": 1.0})
+    partial["layers"][0] = dict(
+        partial["layers"][0], sensitivities={"4": 123.0, "8": 1.0}
+    )
     out = tmp_path / "s.json"
     out.write_text(json.dumps(partial))
     proc = tool("sensitivity", model, "--data", data_dir, *MEASURE, "-o", out)
@@ -71,8 +84,21 @@ def test_resume_skips_measured_modules(measured, tmp_path, data_dir):
     assert resumed["layers"][0]["sensitivities"]["4"] == 123.0  # kept, not recomputed
     # other settings than the partial file's: refused, file untouched
     before = out.read_bytes()
-    proc = tool("sensitivity", model, "--data", data_dir, *MEASURE[:-1], "64", "-o", out, check=False)
-    assert proc.returncode == 1 and "measured with other settings (max_seq_length)" in proc.stderr
+    proc = tool(
+        "sensitivity",
+        model,
+        "--data",
+        data_dir,
+        *MEASURE[:-1],
+        "64",
+        "-o",
+        out,
+        check=False,
+    )
+    assert (
+        proc.returncode == 1
+        and "measured with other settings (max_seq_length)" in proc.stderr
+    )
     assert out.read_bytes() == before
 
 
@@ -89,8 +115,16 @@ def test_quantize_keeps_the_fragile_module_at_8_bits(quantized):
         module = dict(model.named_modules())[path]
         assert isinstance(module, nn.QuantizedLinear) and module.bits == entry["bits"]
     # bits per weight of the block linears, recomputed from the modules
-    params = {p: dict(model.named_modules())[p].weight.shape[0] * dict(model.named_modules())[p].weight.shape[1] * 32 // e["bits"] for p, e in meta["per_layer"].items()}
-    bpw = sum(params[p] * storage_bits(e["bits"], 32) for p, e in meta["per_layer"].items()) / sum(params.values())
+    params = {
+        p: dict(model.named_modules())[p].weight.shape[0]
+        * dict(model.named_modules())[p].weight.shape[1]
+        * 32
+        // e["bits"]
+        for p, e in meta["per_layer"].items()
+    }
+    bpw = sum(
+        params[p] * storage_bits(e["bits"], 32) for p, e in meta["per_layer"].items()
+    ) / sum(params.values())
     assert bpw == pytest.approx(meta["achieved_bpw"], abs=1e-3)
 
 
@@ -106,14 +140,18 @@ def test_ranks_follow_the_measured_sensitivity(quantized, data_dir, tmp_path, po
     assert ranks[FRAGILE] == max(ranks.values()) == 8
     sidecar = json.loads((adapter / "optiq_lora_config.json").read_text())
     source = "bits_source" if policy == "by_bits" else "kl_source"
-    expected = "optiq/metadata.json" if policy == "by_bits" else "optiq/sensitivity.json"
+    expected = (
+        "optiq/metadata.json" if policy == "by_bits" else "optiq/sensitivity.json"
+    )
     assert sidecar["modules"][FRAGILE][source] == expected
     assert "falls back" not in proc.stdout
 
 
 def test_quantized_model_measures_requantization(quantized, data_dir, tmp_path):
     out, _ = quantized
-    proc = tool("sensitivity", out, "--data", data_dir, *MEASURE, "-o", tmp_path / "s.json")
+    proc = tool(
+        "sensitivity", out, "--data", data_dir, *MEASURE, "-o", tmp_path / "s.json"
+    )
     assert "already quantized: measuring re-quantization" in proc.stdout
     doc = json.loads((tmp_path / "s.json").read_text())
     layers = {l["layer_name"]: l["sensitivities"] for l in doc["layers"]}
@@ -122,7 +160,11 @@ def test_quantized_model_measures_requantization(quantized, data_dir, tmp_path):
 
 
 def test_choose_bits_greedy_arithmetic():
-    modules = {"a": (100, {4: 1.0, 8: 0.0}), "b": (100, {4: 0.1, 8: 0.0}), "c": (200, {4: 0.5, 8: 0.0})}
+    modules = {
+        "a": (100, {4: 1.0, 8: 0.0}),
+        "b": (100, {4: 0.1, 8: 0.0}),
+        "c": (200, {4: 0.5, 8: 0.0}),
+    }
     # 4-bit everywhere costs 5 bits per weight at group size 32; room for 100 params at 8
     chosen, bpw = choose_bits(modules, [4, 8], 32, 6.0)
     assert chosen == {"a": 8, "b": 4, "c": 4} and bpw == 6.0
@@ -138,7 +180,17 @@ def test_choose_bits_greedy_arithmetic():
 def test_quantize_refuses_bad_input(measured, quantized, tmp_path):
     model, _ = measured
     out, _ = quantized
-    proc = tool("quantize", model, "-o", out, "--target-bpw", "5", "--group-size", "32", check=False)
+    proc = tool(
+        "quantize",
+        model,
+        "-o",
+        out,
+        "--target-bpw",
+        "5",
+        "--group-size",
+        "32",
+        check=False,
+    )
     assert proc.returncode == 1 and "exists and is not empty" in proc.stderr
     proc = tool("quantize", out, "-o", tmp_path / "x", "--target-bpw", "5", check=False)
     assert proc.returncode == 1 and "already quantized" in proc.stderr

@@ -31,7 +31,9 @@ def _scaled_copy(src, dst, factor):
     weights = mx.load(str(src / "adapters.safetensors"))
     weights = {k: v * factor if k.endswith("lora_b") else v for k, v in weights.items()}
     mx.save_safetensors(str(dst / "adapters.safetensors"), weights)
-    (dst / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    (dst / "adapter_config.json").write_bytes(
+        (src / "adapter_config.json").read_bytes()
+    )
     return dst
 
 
@@ -51,7 +53,9 @@ def adapters(tmp_path_factory, mixed_model, data_dir):
 def expected_outputs(model_path, adapters):
     out = {}
     for name, path in [(None, None), *adapters.items()]:
-        model, tok = mlx_lm.load(str(model_path), adapter_path=str(path) if path else None)
+        model, tok = mlx_lm.load(
+            str(model_path), adapter_path=str(path) if path else None
+        )
         chat = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
         out[name] = (
             mlx_lm.generate(model, tok, PROMPT, max_tokens=MAX_TOKENS),
@@ -69,7 +73,9 @@ def server(mixed_model, adapters):
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60
+    )
     deadline = time.monotonic() + 60
     while not _http(port, "GET", "/health").startswith("{"):
         assert proc.poll() is None, proc.stdout.read()
@@ -133,7 +139,9 @@ def _http(port, method, path, body=None):
     import urllib.request
 
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, method=method
+    )
     request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -153,14 +161,20 @@ def test_load_and_unload_at_runtime(server, adapters, tmp_path, mixed_model):
     (bad / "adapter_config.json").write_text("{}")
     reply = _http(port, "POST", "/v1/adapters", {"name": "broken", "path": str(bad)})
     assert reply.startswith("400") and "adapters.safetensors" in reply
-    reply = _http(port, "POST", "/v1/adapters", {"name": "c", "path": str(tmp_path / "missing")})
+    reply = _http(
+        port, "POST", "/v1/adapters", {"name": "c", "path": str(tmp_path / "missing")}
+    )
     assert reply.startswith("400")
     assert complete(client, "a")  # still serving
 
-    created = json.loads(_http(port, "POST", "/v1/adapters", {"name": "c", "path": str(c)}))
+    created = json.loads(
+        _http(port, "POST", "/v1/adapters", {"name": "c", "path": str(c)})
+    )
     assert created["id"] == "c" and created["modules"] == 14
     model, tok = mlx_lm.load(str(mixed_model), adapter_path=str(c))
-    assert complete(client, "c") == mlx_lm.generate(model, tok, PROMPT, max_tokens=MAX_TOKENS)
+    assert complete(client, "c") == mlx_lm.generate(
+        model, tok, PROMPT, max_tokens=MAX_TOKENS
+    )
     assert _http(port, "DELETE", "/v1/adapters/c") == '{"deleted": "c"}'
     with pytest.raises(openai.BadRequestError):
         complete(client, "c")

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import mlx_lm.lora
 import mlx_lm.tuner
@@ -59,7 +58,10 @@ def test_hooks_pass_through_when_nothing_is_asked():
 
 def test_unsupported_version_is_refused(monkeypatch):
     monkeypatch.setattr(mlx_lm, "__version__", "0.40.1")
-    with pytest.raises(shim.UnsupportedMlxLm, match=r"mlx-lm 0.40.1 is not supported .*>=0.32.2,<0.33.0"):
+    with pytest.raises(
+        shim.UnsupportedMlxLm,
+        match=r"mlx-lm 0.40.1 is not supported .*>=0.32.2,<0.33.0",
+    ):
         shim.on_import(mlx_lm.lora)
 
 
@@ -80,12 +82,21 @@ def test_unsupported_version_fails_open_with_one_line():
 
 
 def test_unsupported_version_with_rank_scaling_stops(tmp_path):
-    proc = run([sys.executable, "-c", UNSUPPORTED.format(argv=["--rank-scaling", "by_bits"])], check=False)
+    proc = run(
+        [sys.executable, "-c", UNSUPPORTED.format(argv=["--rank-scaling", "by_bits"])],
+        check=False,
+    )
     assert proc.returncode == 1
-    assert "--rank-scaling was asked for, but the plugin could not hook into mlx-lm" in proc.stderr
+    assert (
+        "--rank-scaling was asked for, but the plugin could not hook into mlx-lm"
+        in proc.stderr
+    )
     config = tmp_path / "c.yaml"
     config.write_text("model: m\nrank_scaling: by_kl\n")
-    proc = run([sys.executable, "-c", UNSUPPORTED.format(argv=["-c", str(config)])], check=False)
+    proc = run(
+        [sys.executable, "-c", UNSUPPORTED.format(argv=["-c", str(config)])],
+        check=False,
+    )
     assert proc.returncode == 1 and "could not hook into mlx-lm" in proc.stderr
 
 
@@ -119,7 +130,9 @@ def _site_packages(venv):
 
 
 def _build(kind, out):
-    code = f"from hatchling.build import build_{kind}; print(build_{kind}({str(out)!r}))"
+    code = (
+        f"from hatchling.build import build_{kind}; print(build_{kind}({str(out)!r}))"
+    )
     name = run([sys.executable, "-c", code], cwd=ROOT).stdout.strip().splitlines()[-1]
     return out / name
 

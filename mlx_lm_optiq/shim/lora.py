@@ -1,125 +1,16 @@
-"""The only module that touches mlx-lm internals.
-
-It backports, into an unpatched mlx-lm, what ``patches/`` proposes upstream:
-
-- ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``
-  (patch 0001);
-- the plugin hook call sites (patch 0002): ``mlx_lm.lora`` calls
-  ``mlx_lm_lora_add_arguments`` when it builds its parser,
-  ``mlx_lm_lora_parameters`` before converting layers and
-  ``mlx_lm_lora_adapter_saved`` after training; ``load_adapters`` calls
-  ``mlx_lm_load_adapters`` first. The hooks run on
-  :func:`mlx_lm_optiq.plugins.host_plugin_manager`.
-
-It also holds the helpers the hook implementations need from mlx-lm's
-internals (which modules LoRA will adapt, building PEFT and shape-inferred
-adapters).
-
-Each patch is a small named function that wraps one name where mlx-lm looks it
-up, checks the mlx-lm version first, is idempotent, is undone by
-:func:`uninstall`, and passes straight through when nothing is asked of it.
-"""
+"""The shim's LoRA helpers: rank_pattern in conversion, which modules LoRA
+adapts, and building adapters mlx-lm can't build by itself (mixed ranks
+without a rank_pattern, PEFT)."""
 
 import contextlib
-import functools
-import importlib.util
 import sys
 import threading
 from pathlib import Path
 
 import mlx.nn as nn
 
-from . import SUPPORTED_MLX_LM, __version__
-
+# Guards every swap of mlx-lm module attributes (here and in the package).
 _lock = threading.RLock()
-_patched = {}  # (module name, attribute) -> original
-
-
-class UnsupportedMlxLm(RuntimeError):
-    pass
-
-
-def _check_version():
-    import mlx_lm
-
-    version = getattr(mlx_lm, "__version__", "0")
-    parsed = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
-    low, high = SUPPORTED_MLX_LM
-    if not (low <= parsed < high):
-        raise UnsupportedMlxLm(
-            f"mlx-lm {version} is not supported by mlx-lm-optiq {__version__} "
-            f"(needs >={'.'.join(map(str, low))},<{'.'.join(map(str, high))})"
-        )
-
-
-def upstream_has_hooks():
-    """True for an mlx-lm that carries the ``patches/`` call sites itself."""
-    return importlib.util.find_spec("mlx_lm.plugins") is not None
-
-
-def on_import(module):
-    """Post-import hook: patch ``module`` (``mlx_lm.tuner.utils`` or ``mlx_lm.lora``)."""
-    if upstream_has_hooks():
-        return
-    _check_version()
-    # Import what the call sites will need now, so a broken or missing
-    # dependency fails open here instead of in the middle of a command.
-    from . import lora_hooks, plugins  # noqa: F401
-    if module.__name__ == "mlx_lm.tuner.utils":
-        _wrap(module, "linear_to_lora_layers", _linear_to_lora_layers)
-        _wrap(module, "load_adapters", _load_adapters)
-    elif module.__name__ == "mlx_lm.lora":
-        tuner_utils = sys.modules["mlx_lm.tuner.utils"]
-        for name in ("linear_to_lora_layers", "load_adapters"):
-            _rebind(module, name, tuner_utils)
-        _rebind(sys.modules["mlx_lm.tuner"], "linear_to_lora_layers", tuner_utils)
-        _wrap(module, "build_parser", _build_parser)
-        _wrap(module, "train_model", _train_model)
-
-
-def uninstall():
-    """Restore every wrapped function; safe to call more than once."""
-    with _lock:
-        for (module_name, attr), original in list(_patched.items()):
-            module = sys.modules.get(module_name)
-            if module is not None:
-                setattr(module, attr, original)
-            del _patched[(module_name, attr)]
-
-
-def _wrap(module, attr, wrapper_fn):
-    """Replace ``module.attr`` by ``wrapper_fn`` bound to the original, once."""
-    with _lock:
-        current = getattr(module, attr, None)
-        if current is None:
-            raise UnsupportedMlxLm(f"{module.__name__}.{attr} not found")
-        if hasattr(current, "__optiq_original__"):
-            return
-        wrapper = functools.wraps(current)(functools.partial(wrapper_fn, current))
-        wrapper.__optiq_original__ = current
-        _patched[(module.__name__, attr)] = current
-        setattr(module, attr, wrapper)
-
-
-def _rebind(module, attr, source):
-    """Point a name imported by value (``from .tuner.utils import load_adapters``)
-    at the wrapper that ``source`` now holds."""
-    with _lock:
-        current = getattr(module, attr, None)
-        wrapper = getattr(source, attr)
-        if current is None or not hasattr(wrapper, "__optiq_original__"):
-            raise UnsupportedMlxLm(f"{module.__name__}.{attr} can't be patched")
-        _patched[(module.__name__, attr)] = getattr(current, "__optiq_original__", current)
-        setattr(module, attr, wrapper)
-
-
-def _hook():
-    from .plugins import host_plugin_manager
-
-    return host_plugin_manager().hook
-
-
-# -- LoRA conversion ----------------------------------------------------------
 
 
 _LORA_FACTORIES = (
@@ -252,14 +143,6 @@ def describe_module(module):
     raise ValueError(f"can't size a LoRA adapter for {type(module).__name__}")
 
 
-# -- Loading ------------------------------------------------------------------
-
-
-def _load_adapters(original, model, adapter_path):
-    loaded = _hook().mlx_lm_load_adapters(model=model, adapter_path=adapter_path)
-    return loaded if loaded is not None else original(model, adapter_path)
-
-
 def _adapter_shapes(module, rank, use_dora):
     """``{leaf: shape}`` of the LoRA layer mlx-lm builds on ``module`` at ``rank``."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -289,7 +172,7 @@ def check_mlx_adapter(model, weights_file, config, rank_pattern):
         config: its ``adapter_config.json``.
         rank_pattern: the per-module ranks it will be built with (or ``None``).
     """
-    from .adapter_read import read_safetensors_header
+    from ..adapter_read import read_safetensors_header
 
     lora = config.get("lora_parameters") or {}
     use_dora = config.get("fine_tune_type", "lora") == "dora"
@@ -353,8 +236,8 @@ def load_peft_adapter(model, adapter_dir):
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.lora import LoRALinear
 
-    from .adapter_read import peft_import_plan
-    from .adapter_write import check_peft_architecture
+    from ..adapter_read import peft_import_plan
+    from ..adapter_write import check_peft_architecture
 
     plan, dropout = peft_import_plan(adapter_dir)
     check_peft_architecture(getattr(model, "model_type", None))
@@ -415,142 +298,3 @@ def token_sequences(tokenizer, data_dir, count, max_length):
         tokens = tokens[0] if isinstance(tokens, tuple) else tokens
         sequences.append(list(tokens)[:max_length])
     return sequences
-
-
-# -- The mlx_lm.lora command --------------------------------------------------
-
-
-def _build_parser(original):
-    parser = original()
-    _hook().mlx_lm_lora_add_arguments(parser=parser)
-    return parser
-
-
-def _train_model(original, args, model, train_set, valid_set, training_callback=None):
-    lora_parameters = _hook().mlx_lm_lora_parameters(args=args, model=model)
-    if lora_parameters is not None:
-        args.lora_parameters = lora_parameters
-    result = original(args, model, train_set, valid_set, training_callback)
-    _hook().mlx_lm_lora_adapter_saved(
-        args=args, model=model, adapter_path=Path(args.adapter_path)
-    )
-    return result
-
-
-# -- Serving many adapters --------------------------------------------------
-
-
-def linear_dims(model):
-    """``{module path: (in, out)}`` of every linear layer (quantized or not)."""
-    return {
-        path: _linear_dims(module)
-        for path, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.QuantizedLinear))
-    }
-
-
-def lora_layers(model, modules):
-    """``[(module path, LoRALinear)]`` around the model's own base layers.
-
-    Args:
-        model: the base model (its linear layers are shared, not copied).
-        modules: ``{module path: (lora_a (in, r), lora_b (r, out), scale)}``.
-    """
-    from mlx_lm.tuner.lora import LoRALinear
-
-    base = dict(model.named_modules())
-    layers = []
-    for path, (lora_a, lora_b, scale) in modules.items():
-        # from_base draws a random lora_a that is replaced right away, as
-        # mlx-lm's own adapter loading does
-        layer = LoRALinear.from_base(base[path], r=lora_a.shape[1], scale=scale)
-        layer.lora_a, layer.lora_b = lora_a, lora_b
-        layers.append((path, layer))
-    return layers
-
-
-def serve(argv, registry):
-    """Run mlx-lm's server with ``registry``'s adapters resident on one base.
-
-    Each request picks an adapter by name in its ``adapter`` field (mlx-lm's
-    ``adapters`` works too); the model provider swaps LoRA layers in place of
-    reloading the model, and because the adapter name is part of mlx-lm's
-    model key, its batches and prompt cache are kept per adapter.
-    """
-    import json
-    import logging
-    import sys
-
-    import mlx_lm.server as server
-
-    class AdapterProvider(server.ModelProvider):
-        def __init__(self, cli_args):
-            super().__init__(cli_args)
-            # The request's adapter name passes through as the adapter "path".
-            self._adapter_map = {}
-
-        def _load(self, model_path, adapter_path=None, draft_model_path=None):
-            if self.model is None or self.model_key[::2] != (model_path, draft_model_path):
-                super()._load(model_path, None, draft_model_path)
-                registry.attach(self.model)
-            registry.activate(self.model, adapter_path)
-            self.model_key = (model_path, adapter_path, draft_model_path)
-
-    class AdapterHandler(server.APIHandler):
-        def validate_model_parameters(self):
-            super().validate_model_parameters()
-            name = self.body.get("adapter", self.body.get("adapters"))
-            if name is not None and not registry.has(name):
-                raise ValueError(
-                    f"unknown adapter {name!r}; known adapters: {', '.join(registry.names()) or 'none'}"
-                )
-            self.adapter = name
-
-        def _reply(self, status, doc):
-            self._set_completion_headers(status)
-            self.end_headers()
-            self.wfile.write(json.dumps(doc).encode())
-
-        def do_GET(self):
-            if self.path.rstrip("/") == "/v1/adapters":
-                return self._reply(200, {"object": "list", "data": registry.describe()})
-            return super().do_GET()
-
-        def do_POST(self):
-            if self.path.rstrip("/") != "/v1/adapters":
-                return super().do_POST()
-            try:
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
-                entry = registry.add(body["name"], body["path"])
-            except (KeyError, TypeError):
-                return self._reply(400, {"error": "expected {\"name\": ..., \"path\": ...}"})
-            except (ValueError, OSError) as e:
-                return self._reply(400, {"error": str(e)})
-            return self._reply(201, entry)
-
-        def do_DELETE(self):
-            prefix = "/v1/adapters/"
-            if not self.path.startswith(prefix):
-                return self._reply(404, {"error": "Not Found"})
-            name = self.path[len(prefix) :]
-            if not registry.remove(name):
-                return self._reply(404, {"error": f"unknown adapter {name!r}"})
-            return self._reply(200, {"deleted": name})
-
-    saved_run, saved_provider = server.run, server.ModelProvider
-
-    def run(host, port, model_provider):
-        prompt_cache = server.LRUPromptCache(model_provider.cli_args.prompt_cache_size)
-        generator = server.ResponseGenerator(model_provider, prompt_cache)
-        logging.info("adapters: %s", ", ".join(registry.names()) or "none")
-        server._run_http_server(host, port, generator, handler_class=AdapterHandler)
-
-    server.run, server.ModelProvider = run, AdapterProvider
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0], *argv]
-    try:
-        server.main()
-    finally:
-        server.run, server.ModelProvider = saved_run, saved_provider
-        sys.argv = saved_argv
