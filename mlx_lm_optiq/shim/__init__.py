@@ -1,4 +1,8 @@
-"""The only module that touches mlx-lm internals.
+"""The only package that touches mlx-lm internals.
+
+``__init__`` holds the call sites; ``lora.py`` the LoRA helpers the hook
+implementations need (which modules LoRA adapts, building mixed-rank and PEFT
+adapters); ``server.py`` the server integration for ``mlx_lm_optiq.serve``.
 
 It backports, into an unpatched mlx-lm, what ``patches/`` proposes upstream:
 
@@ -10,10 +14,6 @@ It backports, into an unpatched mlx-lm, what ``patches/`` proposes upstream:
   ``mlx_lm_lora_adapter_saved`` after training; ``load_adapters`` calls
   ``mlx_lm_load_adapters`` first. The hooks run on
   :func:`mlx_lm_optiq.plugins.host_plugin_manager`.
-
-It also holds the helpers the hook implementations need from mlx-lm's
-internals (which modules LoRA will adapt, building PEFT and shape-inferred
-adapters).
 
 Each patch is a small named function that wraps one name where mlx-lm looks it
 up, checks the mlx-lm version first, is idempotent, is undone by
