@@ -126,13 +126,16 @@ def main():
     registry.activate(model, "a0")
     tokens_per_second(model, tokenizer, 8)  # warm up
     samples = {1: [], 8: []}
-    for _ in range(5):
-        samples[8].append(tokens_per_second(model, tokenizer, args.tokens))
-        for i in range(1, 8):
-            registry.remove(f"a{i}")
-        samples[1].append(tokens_per_second(model, tokenizer, args.tokens))
-        for i in range(1, 8):
-            registry.add(f"a{i}", adapters[i])
+    for round_ in range(6):
+        for resident in (8, 1) if round_ % 2 == 0 else (1, 8):
+            extra = [f"a{i}" for i in range(1, 8)]
+            if resident == 1:
+                for name in extra:
+                    registry.remove(name)
+            elif not registry.has("a1"):
+                for i, name in enumerate(extra, start=1):
+                    registry.add(name, adapters[i])
+            samples[resident].append(tokens_per_second(model, tokenizer, args.tokens))
     one, eight = statistics.median(samples[1]), statistics.median(samples[8])
 
     reload_s, switch_s = statistics.median(reload_times), statistics.median(

@@ -16,6 +16,7 @@ into place, so an interrupted write leaves the previous file intact.
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,28 @@ def atomic_write(path: Path, write):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def atomic_write_dir(out: Path, write):
+    """Call ``write(tmp_dir)``, then rename ``tmp_dir`` to ``out``.
+
+    ``out`` must not exist or be empty; a failure leaves nothing behind.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} exists and is not empty; remove it or pick another path"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

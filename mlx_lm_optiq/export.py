@@ -9,9 +9,7 @@ temporary directory and renamed into place, so a failure leaves nothing behind.
 """
 
 import argparse
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from .adapter_read import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, AdapterFileError
 from .adapter_write import (
     SIDECAR,
     PeftExportError,
+    atomic_write_dir,
     atomic_write_json,
     check_peft_architecture,
     peft_config,
@@ -137,7 +136,7 @@ def export_peft(adapter_dir, out, base=None):
         )
         atomic_write_json(tmp / CONFIG, peft)
 
-    _write_dir(out, write)
+    atomic_write_dir(out, write)
 
 
 def export_padded(adapter_dir, out):
@@ -184,25 +183,7 @@ def export_padded(adapter_dir, out):
         mx.save_safetensors(str(tmp / MLX_WEIGHTS), tensors)
         atomic_write_json(tmp / CONFIG, config)
 
-    _write_dir(out, write)
-
-
-def _write_dir(out, write):
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(
-            f"{out} exists and is not empty; remove it or pick another path"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_write_dir(out, write)
 
 
 def build_parser():

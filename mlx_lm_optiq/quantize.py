@@ -16,10 +16,9 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .adapter_write import atomic_write_json
+from .adapter_write import atomic_write_dir, atomic_write_json
 from .metadata import OPTIQ_METADATA, SENSITIVITY, MetadataError, read_sensitivity
 
 
@@ -117,7 +116,7 @@ def quantize(args):
         )
     modules = _sensitivity_modules(sensitivity, args.bits)
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):  # before the slow part
         raise FileExistsError(
             f"{out} exists and is not empty; remove it or pick another path"
         )
@@ -169,19 +168,13 @@ def quantize(args):
         "other_modules": top,
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    def write(tmp):
         save(tmp, model_path, model, tokenizer, config, donate_model=False)
         (tmp / "optiq").mkdir(exist_ok=True)
         atomic_write_json(tmp / OPTIQ_METADATA, metadata)
         shutil.copyfile(sensitivity, tmp / SENSITIVITY)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(out, write)
     print(
         f"wrote {out}: {achieved:.3f} bits per weight over the {len(chosen)} block "
         f"linear modules (target {args.target_bpw}); bits: {counts}"
