@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import adapter_read
+from ._cli import run_command
 from .adapter_read import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, AdapterFileError
 from .adapter_write import (
     SIDECAR,
@@ -208,19 +209,17 @@ def build_parser():
     return parser
 
 
+def export(args):
+    if args.peft:
+        export_peft(args.adapter_path, args.peft, args.base)
+        print(f"PEFT adapter written to {args.peft}")
+    else:
+        export_padded(args.adapter_path, args.pad)
+        print(f"uniform-rank mlx-lm adapter written to {args.pad}")
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        if args.peft:
-            export_peft(args.adapter_path, args.peft, args.base)
-            print(f"PEFT adapter written to {args.peft}")
-        else:
-            export_padded(args.adapter_path, args.pad)
-            print(f"uniform-rank mlx-lm adapter written to {args.pad}")
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(export, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

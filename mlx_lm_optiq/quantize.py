@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ._cli import run_command
 from .adapter_write import atomic_write_dir, atomic_write_json
 from .metadata import OPTIQ_METADATA, SENSITIVITY, MetadataError, read_sensitivity
 
@@ -213,13 +214,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        quantize(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(quantize, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import __version__
+from ._cli import run_command
 from .adapter_write import atomic_write_json
 from .metadata import SENSITIVITY
 
@@ -247,13 +248,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        measure(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(measure, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
