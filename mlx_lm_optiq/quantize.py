@@ -184,7 +184,7 @@ def quantize(args):
 
 
 def build_parser():
-    from .sensitivity import _bits
+    from .sensitivity import add_quantization_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m mlx_lm_optiq.quantize",
@@ -198,15 +198,7 @@ def build_parser():
         required=True,
         help="bits per weight budget, e.g. 5.0",
     )
-    parser.add_argument(
-        "--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)"
-    )
-    parser.add_argument(
-        "--group-size",
-        type=int,
-        default=64,
-        help="quantization group size (default 64)",
-    )
+    add_quantization_arguments(parser)
     parser.add_argument(
         "--sensitivity", help="sensitivity file (default MODEL/optiq/sensitivity.json)"
     )

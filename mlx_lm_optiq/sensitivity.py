@@ -206,6 +206,19 @@ def _bits(text):
     return bits
 
 
+def add_quantization_arguments(parser):
+    """``--bits`` and ``--group-size``, the same for sensitivity and quantize."""
+    parser.add_argument(
+        "--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)"
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="quantization group size (default 64)",
+    )
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m mlx_lm_optiq.sensitivity",
@@ -217,15 +230,7 @@ def build_parser():
     parser.add_argument(
         "--data", required=True, help="directory with train.jsonl (mlx-lm formats)"
     )
-    parser.add_argument(
-        "--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)"
-    )
-    parser.add_argument(
-        "--group-size",
-        type=int,
-        default=64,
-        help="quantization group size (default 64)",
-    )
+    add_quantization_arguments(parser)
     parser.add_argument(
         "--samples",
         type=int,

@@ -149,16 +149,21 @@ def data_dir(tmp_path_factory):
     return tiny_model.build_dataset(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="session")
-def by_bits_adapter(tmp_path_factory, mixed_model, data_dir):
-    """An adapter trained through the CLI with ``--rank-scaling by_bits``."""
-    out = tmp_path_factory.mktemp("adapters") / "by_bits"
-    proc = lora(
-        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+def train_by_bits(run_lora, out, model, data):
+    """``--rank-scaling by_bits --rank 4`` through ``run_lora``; the log lands in ``out``."""
+    proc = run_lora(
+        "--model", model, "--data", data, *TRAIN_ARGS,
         "--rank-scaling", "by_bits", "--rank", "4", "--adapter-path", out,
     )  # fmt: skip
     out.joinpath("train.log").write_text(proc.stdout + proc.stderr)
     return out
+
+
+@pytest.fixture(scope="session")
+def by_bits_adapter(tmp_path_factory, mixed_model, data_dir):
+    """An adapter trained through the CLI with ``--rank-scaling by_bits``."""
+    out = tmp_path_factory.mktemp("adapters") / "by_bits"
+    return train_by_bits(lora, out, mixed_model, data_dir)
 
 
 def read_json(path):

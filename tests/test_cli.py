@@ -15,6 +15,7 @@ from conftest import (
     lora,
     read_json,
     run,
+    train_by_bits,
 )
 
 from mlx_lm_optiq.adapter_read import mlx_ranks, read_safetensors_header
@@ -24,12 +25,7 @@ from mlx_lm_optiq.adapter_read import mlx_ranks, read_safetensors_header
 def trained(cli, tmp_path_factory, mixed_model, data_dir):
     """``--rank-scaling by_bits --rank 4`` trained with this ``cli``."""
     out = tmp_path_factory.mktemp(f"by_bits-{cli}") / "a"
-    proc = cli.lora(
-        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
-        "--rank-scaling", "by_bits", "--rank", "4", "--adapter-path", out,
-    )  # fmt: skip
-    out.joinpath("train.log").write_text(proc.stdout + proc.stderr)
-    return out
+    return train_by_bits(cli.lora, out, mixed_model, data_dir)
 
 
 def test_help_explains_the_new_options(cli):

@@ -22,6 +22,15 @@ from mlx_lm_optiq import _startup
 from mlx_lm_optiq.adapter_read import peft_pattern_key
 from mlx_lm_optiq.export import main as export
 
+PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 TOKENS = [4, 17, 9, 23, 31, 8, 12, 40, 5, 11]
 
 
@@ -104,15 +113,7 @@ def test_written_peft_layout_reproduces_mlx_logits(arch_setup):
         if hasattr(m, "r") and "default" in getattr(m, "r", {})
     }
     kinds = {p.rsplit(".", 1)[-1] for p in ranks}
-    assert kinds == {
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    }
+    assert kinds == set(PROJECTIONS)
     assert ranks["model.layers.3.self_attn.v_proj"] == 8
     assert ranks["model.layers.3.self_attn.k_proj"] == 4
     assert len(ranks) == 14
@@ -215,15 +216,7 @@ PEFT_CASES = {
     "patterns": dict(
         r=4,
         lora_alpha=8,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=list(PROJECTIONS),
         rank_pattern={"v_proj": 12, r"layers\.1\.mlp\.down_proj": 6},
         alpha_pattern={"k_proj": 32, "layers.2.self_attn.q_proj": 3},
         layers_to_transform=[1, 2],
