@@ -1,23 +1,31 @@
 """Training ceiling on one GPU: longest sequence, peak memory, tokens/s per model size.
 
-For each model size (random-init configs of real architectures — weights
-don't change speed or memory), quantized 4/8-bit mixed the way OptiQ leaves a
-model (``v_proj`` and ``down_proj`` at 8 bits), QLoRA with
-``--rank-scaling by_bits`` (rank 8, 16 layers, batch 4) at growing sequence
-lengths: peak memory, tokens/s and seconds per iteration, and the longest
-length that fits. Then, for the same architecture, ranks and tokens, PyTorch
-+ PEFT LoRA (on a bf16 base: there is no 4-bit PyTorch kernel on this machine)
-and MLX LoRA on the same bf16 base, as ratios; and the bf16 matmul ceiling
-measured in the same process.
+For each model size (random-init configs of real architectures: weights don't
+change speed or memory), quantized 4/8-bit mixed the way OptiQ leaves a model
+(``v_proj`` and ``down_proj`` at 8 bits), QLoRA with ``--rank-scaling
+by_bits`` (rank 8, 16 layers, gradient checkpointing) at a fixed batch and
+doubling sequence lengths: peak memory, tokens/s, seconds per iteration. The
+search stops before a length whose peak memory, extrapolated from the lengths
+measured, would pass ``--memory-fraction`` of the GPU (running out of GPU
+memory is not a clean failure on every backend); it then measures the longest
+multiple of ``--step`` predicted to fit, so the longest length in the table
+is one that ran. Every measurement is its own process.
 
-    python benchmarks/ceiling.py --tokenizer DIR [--sizes 135M,1B,3B,8B] [--lengths 1024,4096,16384]
+Also, in the same call: the bf16 matmul ceiling, and for the same
+architecture, ranks and tokens, MLX LoRA against PyTorch + PEFT LoRA on a
+bf16 base (there is no 4-bit PyTorch kernel on that machine), as a ratio.
+
+    python benchmarks/ceiling.py --tokenizer DIR [--sizes 135M,1B,3B,8B] [--batch-size 1]
 
 Writes ``benchmarks/results/ceiling.json``.
 """
 
 import argparse
 import json
+import math
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,12 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import (  # noqa: E402
-    environment,
-    print_table,
-    train_in_process,
-    write_result,
-)
+from common import print_table, write_result  # noqa: E402
 
 # Real architectures' shapes (Llama family).
 SIZES = {
@@ -48,51 +51,72 @@ SIZES = {
     "8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
 }  # fmt: skip
+ARCHITECTURE = {
+    "tiny": "Llama (tiny)", "135M": "SmolLM2-135M", "360M": "SmolLM2-360M",
+    "1B": "Llama-3.2-1B", "3B": "Llama-3.2-3B", "8B": "Llama-3.1-8B",
+}  # fmt: skip
 EIGHT_BIT = ("self_attn.v_proj", "mlp.down_proj")
+KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+LORA_LAYERS = 16
+RANK = 8
 
 
-def build(size, tokenizer_dir, out, quantized):
+# -- one measurement (runs in its own process) ------------------------------
+
+
+def config_of(size):
+    return {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": True, "max_position_embeddings": 262144, **SIZES[size]}  # fmt: skip
+
+
+def bits_of(path):
+    return 8 if path.endswith(EIGHT_BIT) else 4
+
+
+def build(size, quantized):
+    """A random-init model of ``size`` in this process, bf16 or 4/8-bit mixed."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models import llama
-    from mlx_lm.utils import quantize_model, save_config, save_model
+    from mlx_lm.utils import quantize_model
 
-    config = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "tie_word_embeddings": True, "max_position_embeddings": 131072, **SIZES[size]}  # fmt: skip
+    config = config_of(size)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
     if quantized:
         pred = lambda p, m: isinstance(m, nn.Linear) and {
-            "bits": 8 if p.endswith(EIGHT_BIT) else 4,
+            "bits": bits_of(p),
             "group_size": 64,
         }  # noqa: E731
         model, config = quantize_model(model, config, 64, 4, quant_predicate=pred)
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    return model, config
+
+
+def model_dir(size, config, tokenizer_dir, out):
+    """What ``--model`` names for the plugin: config, tokenizer, OptiQ bits.
+
+    The bf16 model has no live bits, so ``optiq/metadata.json`` gives it the
+    bits its quantized twin has: both (and PEFT) train the same ranks.
+    """
     out.mkdir(parents=True)
-    save_model(out, model)
-    save_config(config, out / "config.json")
+    (out / "config.json").write_text(json.dumps(config))
     for f in Path(tokenizer_dir).iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, out / f.name)
-    if not quantized:
-        # by_bits reads the OptiQ bits that the quantized copy has, so both
-        # runs (and PEFT) train the same ranks
-        (out / "optiq").mkdir()
-        per_layer = {p: {"bits": 8 if p.endswith(EIGHT_BIT) else 4, "group_size": 64}
-                     for p in _adapted(size, all_layers=True)}  # fmt: skip
-        (out / "optiq" / "metadata.json").write_text(
-            json.dumps({"per_layer": per_layer})
-        )
+    (out / "optiq").mkdir()
+    per_layer = {p: {"bits": bits_of(p), "group_size": 64} for p in adapted(size, all_layers=True)}  # fmt: skip
+    (out / "optiq" / "metadata.json").write_text(json.dumps({"per_layer": per_layer}))
     return out
 
 
-def synthetic_data(out, length, rows=64):
-    """Rows of ``length`` tokens of plain words (``{"text"}``), train and valid."""
+def synthetic_data(out, length, rows):
+    """``rows`` rows of at least ``length`` tokens of plain words, train and valid."""
     out.mkdir(parents=True, exist_ok=True)
-    words = (
-        "the cat sat on a mat and looked at the moon while " * (length // 10 + 2)
-    ).split()
-    text = " ".join(words[:length])
+    words = ("the cat sat on a mat and looked at the moon while " * (length // 10 + 4)).split()  # fmt: skip
+    text = " ".join(words[: length + 32])
     for name in ("train", "valid"):
         with open(out / f"{name}.jsonl", "w") as f:
             for _ in range(rows):
@@ -100,49 +124,65 @@ def synthetic_data(out, length, rows=64):
     return out
 
 
-def mlx_run(model_dir, data, length, iters, scaling, size):
+def mlx_probe(spec):
     import mlx.core as mx
+    from common import train_in_process
+    from mlx_lm.utils import load_tokenizer
 
-    mx.clear_cache()
+    size, length, batch = spec["size"], spec["length"], spec["batch"]
+    work = Path(tempfile.mkdtemp())
+    tic = time.perf_counter()
+    model, config = build(size, quantized=spec["quantized"])
+    built = time.perf_counter() - tic
+    mdir = model_dir(size, config, spec["tokenizer"], work / "model")
+    data = synthetic_data(work / "data", length, rows=max(2 * batch, 4))
     result = train_in_process(
-        True, model=str(model_dir), data=str(data), adapter_path=tempfile.mkdtemp(),
-        iters=iters, batch_size=4, num_layers=min(16, SIZES[size]["num_hidden_layers"]),
-        max_seq_length=length,
-        steps_per_report=1, steps_per_eval=10**9, val_batches=1, save_every=10**9,
-        rank_scaling=scaling, grad_checkpoint=True,
-        lora_parameters={"rank": 8, "dropout": 0.0, "scale": 20.0},
+        True, loaded=(model, load_tokenizer(mdir)),
+        model=str(mdir), data=str(data), adapter_path=str(work / "adapter"),
+        iters=spec["iters"], batch_size=batch, num_layers=min(LORA_LAYERS, SIZES[size]["num_hidden_layers"]),
+        max_seq_length=length, steps_per_report=1, steps_per_eval=10**9, val_batches=1,
+        save_every=10**9, rank_scaling="by_bits", grad_checkpoint=True,
+        lora_parameters={"rank": RANK, "dropout": 0.0, "scale": 20.0},
     )  # fmt: skip
-    steady = result["train"][3:] or result["train"]
-    tps = sorted(r["tokens_per_second"] for r in steady)[len(steady) // 2]
-    its = sorted(r["iterations_per_second"] for r in steady)[len(steady) // 2]
-    return {"tokens_per_second": tps, "seconds_per_iteration": 1 / its,
-            "peak_memory_gb": result["peak_memory_gb"], "trainable": result["trainable_parameters"]}  # fmt: skip
+    steady = result["train"][1:] or result["train"]  # the first compiles
+    tps = median(r["tokens_per_second"] for r in steady)
+    return {
+        "tokens_per_second": tps,
+        "seconds_per_iteration": 1 / median(r["iterations_per_second"] for r in steady),
+        "tokens_per_iteration": tps
+        / median(r["iterations_per_second"] for r in steady),
+        "peak_memory_gb": result["peak_memory_gb"],
+        "trainable": result["trainable_parameters"],
+        "build_seconds": built,
+        "device_memory_gb": device_memory_gb(mx),
+    }
 
 
-def torch_peft_run(size, length, iters, ranks):
+def torch_probe(spec):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    size, length, batch = spec["size"], spec["length"], spec["batch"]
     config = LlamaConfig(rms_norm_eps=1e-5, tie_word_embeddings=True, **SIZES[size])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    n = SIZES[size]["num_hidden_layers"]
-    targets = sorted(ranks)
-    lora = LoraConfig(r=8, lora_alpha=160, target_modules=targets,
-                      rank_pattern={p: r for p, r in ranks.items() if r != 8},
-                      alpha_pattern={p: 20 * r for p, r in ranks.items() if r != 8})  # fmt: skip
+    ranks = {p: RANK * (2 if bits_of(p) == 8 else 1) for p in adapted(size)}
+    lora = LoraConfig(r=RANK, lora_alpha=20 * RANK, target_modules=sorted(ranks),
+                      rank_pattern={p: r for p, r in ranks.items() if r != RANK},
+                      alpha_pattern={p: 20 * r for p, r in ranks.items() if r != RANK})  # fmt: skip
     model = get_peft_model(model, lora)
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    tokens = torch.randint(0, 49152, (4, length), device=device)
+    tokens = torch.randint(0, SIZES[size]["vocab_size"], (batch, length), device=device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(iters):
+    for _ in range(spec["iters"]):
         sync()
         tic = time.perf_counter()
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -151,18 +191,19 @@ def torch_peft_run(size, length, iters, ranks):
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - tic)
-    steady = sorted(times[3:] or times)[len(times[3:] or times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
-    del model, opt
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return {"tokens_per_second": 4 * length / steady, "seconds_per_iteration": steady,
-            "peak_memory_gb": peak, "layers": n, "device": device}  # fmt: skip
+    steady = median(times[1:] or times)
+    return {
+        "tokens_per_second": batch * (length - 1) / steady,
+        "seconds_per_iteration": steady,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
+        "trainable": trainable, "device": device, "torch": torch.__version__,
+    }  # fmt: skip
 
 
-def matmul_ceiling(n):
+def matmul_probe(spec):
     import mlx.core as mx
 
+    n = spec["n"]
     a = mx.random.normal((n, n)).astype(mx.bfloat16)
     b = mx.random.normal((n, n)).astype(mx.bfloat16)
     for _ in range(3):
@@ -172,85 +213,270 @@ def matmul_ceiling(n):
         tic = time.perf_counter()
         mx.eval(a @ b)
         times.append(time.perf_counter() - tic)
-    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+    return {"tflops": 2 * n**3 / median(times) / 1e12, "device_memory_gb": device_memory_gb(mx)}  # fmt: skip
+
+
+def device_memory_gb(mx):
+    """The GPU's memory (CUDA: ``total_memory``, Metal: ``memory_size``), or None."""
+    info = mx.device_info()
+    size = info.get("total_memory") or info.get("memory_size")
+    return size / 1e9 if size else None
+
+
+PROBES = {"mlx": mlx_probe, "torch": torch_probe, "matmul": matmul_probe}
+
+
+# -- the search (runs in the parent, which never touches the GPU) ------------
+
+
+def probe(spec, timeout):
+    """Run one measurement in a fresh process; its result, or why it has none."""
+    tic = time.monotonic()
+    cmd = [sys.executable, __file__, "--probe", json.dumps(spec)]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=max(timeout, 1)
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"took over {timeout:.0f} s"}
+    wall = time.monotonic() - tic
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return {**json.loads(line[7:]), "wall_seconds": wall}
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {done.returncode}: {tail}"[:300], "wall_seconds": wall}
+
+
+def extrapolate(points, length):
+    """Peak (or time) at ``length`` from the measured ``[(length, value)]``.
+
+    A line through the last two points, or a parabola through the last three
+    (attention and logits grow faster than linearly), whichever is larger:
+    a guess that errs towards stopping early.
+    """
+    if len(points) < 2:
+        return None
+    (x1, y1), (x2, y2) = points[-2:]
+    guess = y2 + (y2 - y1) / (x2 - x1) * (length - x2)
+    if len(points) >= 3:
+        x0, y0 = points[-3]
+        quad = sum(
+            yi * math.prod((length - xj) / (xi - xj) for xj in (x0, x1, x2) if xj != xi)
+            for xi, yi in ((x0, y0), (x1, y1), (x2, y2))
+        )
+        guess = max(guess, quad)
+    return guess
+
+
+def search(size, args, limit_gb, deadline, log):
+    """Doubling lengths while they fit, then the longest ``--step`` multiple that fits."""
+    rows, mem, secs = {}, [], []
+    length = args.start
+
+    def measure(length):
+        spec = dict(size=size, length=length, batch=args.batch_size, iters=args.iters,
+                    quantized=True, tokenizer=args.tokenizer)  # fmt: skip
+        r = probe(spec, min(args.probe_seconds, deadline - time.monotonic()))
+        rows[length] = r
+        log(f"{size} @ {length}: " + (r.get("error") or
+            f"{r['peak_memory_gb']:.1f} GB, {r['tokens_per_second']:,.0f} tok/s, "
+            f"{r['seconds_per_iteration']:.2f} s/iter ({r['wall_seconds']:.0f} s)"))  # fmt: skip
+        if "error" not in r:
+            mem.append((length, r["peak_memory_gb"]))
+            secs.append((length, r["wall_seconds"]))
+        return "error" not in r
+
+    def stop_reason(length):
+        if length > args.max_length:
+            return f"over --max-length {args.max_length}"
+        peak = extrapolate(mem, length)
+        if peak is not None and peak > limit_gb:
+            return f"predicted {peak:.1f} GB > {limit_gb:.1f} GB"
+        wall = extrapolate(secs, length)
+        left = deadline - time.monotonic()
+        if wall is not None and wall > min(args.probe_seconds, left):
+            return f"predicted {wall:.0f} s > {min(args.probe_seconds, left):.0f} s left for it"
+        if left < 20:
+            return "time budget"
+        return None
+
+    while not (reason := stop_reason(length)) and measure(length):
+        length *= 2
+    stopped = reason or "error"
+    if reason and reason.startswith("predicted") and "GB" in reason and mem:
+        # the longest --step multiple between the last fit and the stop predicted to fit
+        fits = [n for n in range(mem[-1][0] + args.step, length, args.step)
+                if extrapolate(mem, n) <= limit_gb]  # fmt: skip
+        if fits and not stop_reason(fits[-1]):
+            measure(fits[-1])
+    ok = [n for n, r in rows.items() if "error" not in r]
+    return {
+        "lengths": {str(n): r for n, r in sorted(rows.items())},
+        "longest_that_ran": max(ok) if ok else None,
+        "next_not_run": {"length": length, "why": stopped},
+    }
+
+
+def adapted(size, all_layers=False):
+    """The 7 projections of the last 16 layers (what LoRA adapts here), or of all."""
+    n = SIZES[size]["num_hidden_layers"]
+    first = 0 if all_layers else max(0, n - LORA_LAYERS)
+    return [f"model.layers.{i}.{k}" for i in range(first, n) for k in KINDS]
+
+
+def train_flops_per_token(size, length):
+    """Rough training FLOPs per token for this setup (for utilization only).
+
+    Forward through every layer, and for the adapted layers (the gradient
+    stops below them) the recomputation of gradient checkpointing plus the
+    input gradients: about twice their forward again. Matmuls as 2 FLOPs per
+    weight, causal attention as 2·L·d per layer (QKᵀ and AV, half masked),
+    the LM head as 2·d·vocab forward and again backward. LoRA's own matmuls
+    are under 1% and left out.
+    """
+    s = SIZES[size]
+    d, n, inter, vocab = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"], s["vocab_size"]  # fmt: skip
+    kv = d // s["num_attention_heads"] * s["num_key_value_heads"]
+    layer = 2 * (d * d * 2 + d * kv * 2 + 3 * d * inter) + 2 * length * d
+    adapted_layers = min(LORA_LAYERS, n)
+    return n * layer + 2 * adapted_layers * layer + 2 * 2 * d * vocab
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (
+        xs[len(xs) // 2]
+        if len(xs) % 2
+        else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tokenizer", required=True, help="a model dir with tokenizer files"
-    )
+    parser.add_argument("--tokenizer", help="a model dir with tokenizer files")
     parser.add_argument("--sizes", default="135M,1B,3B,8B")
-    parser.add_argument("--lengths", default="1024,4096,16384")
-    parser.add_argument("--iters", type=int, default=8)
-    parser.add_argument("--compare-length", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--start", type=int, default=4096, help="first length")
+    parser.add_argument("--max-length", type=int, default=131072)
+    parser.add_argument(
+        "--step", type=int, default=4096, help="grain of the last search step"
+    )
+    parser.add_argument("--memory-fraction", type=float, default=0.85,
+                        help="of the GPU's memory that a predicted peak may reach")  # fmt: skip
+    parser.add_argument(
+        "--memory-gb", type=float, help="the GPU's memory (default: what MLX reports)"
+    )
+    parser.add_argument(
+        "--iters", type=int, default=3, help="per measurement; the first is not timed"
+    )
+    parser.add_argument(
+        "--probe-seconds", type=float, default=150, help="per measurement"
+    )
     parser.add_argument("--compare-sizes", default="135M,1B")
+    parser.add_argument("--compare-length", type=int, default=1024)
+    parser.add_argument("--compare-batch", type=int, default=4)
+    parser.add_argument("--compare-iters", type=int, default=6)
     parser.add_argument("--matmul-size", type=int, default=8192)
-    parser.add_argument("--budget-seconds", type=float, default=float("inf"))
+    parser.add_argument("--budget-seconds", type=float, default=3600.0,
+                        help="no measurement starts after this; each size gets a share")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "ceiling.json"))
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:  # a child process: one measurement, one RESULT line
+        spec = json.loads(args.probe)
+        print("RESULT " + json.dumps(PROBES[spec.pop("kind", "mlx")](spec)), flush=True)
+        return
+    if not args.tokenizer:
+        parser.error("--tokenizer is required")
     start = time.monotonic()
-    work = Path(tempfile.mkdtemp())
-    ceiling = matmul_ceiling(args.matmul_size)
-    print(f"bf16 matmul {args.matmul_size}^3: {ceiling:.1f} TFLOP/s", flush=True)
+    end = start + args.budget_seconds
+    log = lambda msg: print(
+        f"[{time.monotonic() - start:6.0f} s] {msg}", flush=True
+    )  # noqa: E731
 
-    rows, results, comparisons = [], {}, {}
-    lengths = [int(x) for x in args.lengths.split(",")]
-    for size in args.sizes.split(","):
-        model_dir = build(size, args.tokenizer, work / f"{size}-q", quantized=True)
-        results[size] = {}
-        for length in lengths:
-            if time.monotonic() - start > args.budget_seconds:
-                results[size][length] = {"skipped": "time budget"}
-                continue
-            data = synthetic_data(work / f"data-{length}", length)
-            try:
-                r = mlx_run(model_dir, data, length, args.iters, "by_bits", size)
-            except Exception as e:  # noqa: BLE001 - out of memory ends this size
-                results[size][length] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                break
-            results[size][length] = r
-            print(f"{size} @ {length}: {r}", flush=True)
-            rows.append((size, length, f"{r['peak_memory_gb']:.1f}", f"{r['tokens_per_second']:,.0f}",
-                         f"{r['seconds_per_iteration']:.3f}"))  # fmt: skip
-        shutil.rmtree(model_dir, ignore_errors=True)
-
-    for size in args.compare_sizes.split(","):
-        if time.monotonic() - start > args.budget_seconds:
-            break
-        length = args.compare_length
-        data = synthetic_data(work / f"data-{length}", length)
-        bf16_dir = build(size, args.tokenizer, work / f"{size}-bf16", quantized=False)
-        mlx_lora = mlx_run(bf16_dir, data, length, args.iters, "by_bits", size)
-        shutil.rmtree(bf16_dir, ignore_errors=True)
-        ranks = {p: 8 * (2 if p.endswith(EIGHT_BIT) else 1) for p in _adapted(size)}
-        torch_lora = torch_peft_run(size, length, args.iters, ranks)
-        comparisons[size] = {"length": length, "mlx_lora_bf16": mlx_lora, "torch_peft_bf16": torch_lora,
-                             "mlx_over_torch_tokens_per_second": mlx_lora["tokens_per_second"] / torch_lora["tokens_per_second"]}  # fmt: skip
-        print(f"{size} @ {length}: MLX LoRA {mlx_lora['tokens_per_second']:,.0f} tok/s, "
-              f"PyTorch+PEFT {torch_lora['tokens_per_second']:,.0f} tok/s", flush=True)  # fmt: skip
-
-    print_table(["size", "seq len", "peak GB", "tokens/s", "s/iter"], rows)
-    for size, c in comparisons.items():
-        print(
-            f"{size}: MLX/PyTorch tokens/s = {c['mlx_over_torch_tokens_per_second']:.2f}"
+    matmul = probe({"kind": "matmul", "n": args.matmul_size}, 120)
+    log(f"bf16 matmul {args.matmul_size}^3: {matmul.get('tflops', 0):.1f} TFLOP/s")
+    memory_gb = args.memory_gb or matmul.get("device_memory_gb")
+    if not memory_gb:
+        sys.exit(
+            f"ceiling: MLX reports no GPU memory size ({matmul.get('error', 'not a GPU')}); pass --memory-gb"
         )
+    limit_gb = args.memory_fraction * memory_gb
+
+    comparisons = {}
+    for size in [s for s in args.compare_sizes.split(",") if s]:
+        if time.monotonic() > end - 60:
+            break
+        spec = dict(size=size, length=args.compare_length, batch=args.compare_batch,
+                    iters=args.compare_iters, tokenizer=args.tokenizer)  # fmt: skip
+        mlx = probe({**spec, "kind": "mlx", "quantized": False}, args.probe_seconds)
+        torch = probe({**spec, "kind": "torch"}, args.probe_seconds)
+        c = {"length": args.compare_length, "batch": args.compare_batch,
+             "mlx_lora_bf16": mlx, "torch_peft_bf16": torch}  # fmt: skip
+        if "error" not in mlx and "error" not in torch:
+            c["mlx_over_torch_tokens_per_second"] = mlx["tokens_per_second"] / torch["tokens_per_second"]  # fmt: skip
+        comparisons[size] = c
+        log(f"{size} bf16 LoRA @ {args.compare_batch}x{args.compare_length}: MLX "
+            f"{mlx.get('tokens_per_second', 0):,.0f} tok/s, PyTorch+PEFT {torch.get('tokens_per_second', 0):,.0f} tok/s"
+            + (f" ({mlx.get('error') or torch.get('error')})" if "mlx_over_torch_tokens_per_second" not in c else ""))  # fmt: skip
+
+    results = {}
+    sizes = args.sizes.split(",")
+    for i, size in enumerate(sizes):
+        share = (end - time.monotonic()) / (len(sizes) - i)
+        results[size] = search(size, args, limit_gb, time.monotonic() + share, log)
+
+    rows = []
+    for size, res in results.items():
+        for length, r in res["lengths"].items():
+            if "error" in r:
+                rows.append(
+                    (ARCHITECTURE[size], length, "-", "-", "-", "-", r["error"][:60])
+                )
+                continue
+            tflops = (
+                r["tokens_per_second"] * train_flops_per_token(size, int(length)) / 1e12
+            )
+            longest = " longest" if int(length) == res["longest_that_ran"] else ""
+            rows.append((ARCHITECTURE[size], length, f"{r['peak_memory_gb']:.1f}", f"{r['tokens_per_second']:,.0f}",
+                         f"{r['seconds_per_iteration']:.2f}", f"{tflops / matmul['tflops']:.2f}", longest))  # fmt: skip
+            r["utilization_of_matmul_ceiling"] = tflops / matmul["tflops"]
+        if res["next_not_run"]["why"] != "error":
+            rows.append((ARCHITECTURE[size], res["next_not_run"]["length"], "-", "-", "-", "-",
+                         f"not run: {res['next_not_run']['why']}"))  # fmt: skip
+    print_table(
+        ["model shape", "seq len", "peak GB", "tokens/s", "s/iter", "of matmul", ""],
+        rows,
+    )
+    for size, c in comparisons.items():
+        if "mlx_over_torch_tokens_per_second" in c:
+            print(
+                f"{size}: MLX / PyTorch+PEFT tokens/s = {c['mlx_over_torch_tokens_per_second']:.2f}"
+            )
     write_result(args.out, {
-        "benchmark": "ceiling", "command": " ".join(sys.argv), "environment": environment(),
-        "bf16_matmul_tflops": ceiling, "qlora_by_bits": results, "lora_bf16_vs_torch_peft": comparisons,
-        "note": "random-init weights of real architectures; 4/8-bit mixed base for QLoRA; "
-                "batch 4, rank 8 (by_bits), 16 layers, gradient checkpointing",
+        "benchmark": "ceiling", "command": " ".join(sys.argv),
+        "environment": environment_of_children(),
+        "bf16_matmul": matmul, "gpu_memory_limit_gb": limit_gb,
+        "qlora_by_bits": results, "lora_bf16_vs_torch_peft": comparisons,
+        "elapsed_seconds": time.monotonic() - start,
+        "note": f"random-init weights of real architectures; 4/8-bit mixed base (v_proj, down_proj 8-bit); "
+                f"QLoRA by_bits rank {RANK}/{2 * RANK}, last {LORA_LAYERS} layers, all 7 projections, "
+                f"batch {args.batch_size}, gradient checkpointing; 'of matmul' = estimated training "
+                "FLOP/s (train_flops_per_token) over the bf16 matmul ceiling",
     })  # fmt: skip
 
 
-def _adapted(size, all_layers=False):
-    """The 7 projections of the last 16 layers (what LoRA adapts here), or of all."""
-    n = SIZES[size]["num_hidden_layers"]
-    kinds = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-    first = 0 if all_layers else max(0, n - 16)
-    return [f"model.layers.{i}.{k}" for i in range(first, n) for k in kinds]
+def environment_of_children():
+    """The environment the measurements ran in (the parent never imports MLX)."""
+    done = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
+                           "from common import environment; print(json.dumps(environment()))", str(HERE)],
+                          capture_output=True, text=True)  # fmt: skip
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"error": done.stderr[-300:]}
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

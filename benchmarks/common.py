@@ -50,11 +50,14 @@ def write_result(path, doc):
     print(f"wrote {path}")
 
 
-def train_in_process(plugin, **overrides):
+def train_in_process(plugin, loaded=None, **overrides):
     """One ``mlx_lm.lora`` training run through mlx-lm's own ``train_model``.
 
     Args:
         plugin: ``True`` runs with the shim installed, ``False`` with stock mlx-lm.
+        loaded: ``(model, tokenizer)`` built in this process, instead of
+          loading ``model`` (which then only names the directory whose
+          ``config.json`` and metadata the plugin reads).
         overrides: ``mlx_lm.lora`` config keys (``model``, ``data``,
           ``adapter_path``, ``rank_scaling``, ``lora_parameters``, ...).
 
@@ -91,7 +94,7 @@ def train_in_process(plugin, **overrides):
     config.update(rank_scaling=None, rank=None, rank_budget=None, train=True)
     config.update(overrides)
     args = types.SimpleNamespace(**config)
-    model, tokenizer = mlx_lm.load(str(args.model))
+    model, tokenizer = loaded or mlx_lm.load(str(args.model))
     train_set, valid_set, _ = load_dataset(args, tokenizer)
     record = Record()
     np.random.seed(args.seed)  # as mlx_lm.lora.run does: the batch order

@@ -2,7 +2,8 @@
 # this plugin on PYTHONPATH, the plugin's shim active in every Python process
 # (the .pth line can't be installed there: no build backend, no index).
 set -e
-. .dev/b/install.sh
+# a second call on the same (warm) machine finds MLX unpacked already
+[ -d /tmp/site/mlx ] || . .dev/b/install.sh
 cat > /tmp/site/sitecustomize.py <<'PY'
 try:
     import mlx_lm_optiq._startup as s

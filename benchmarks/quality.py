@@ -8,13 +8,19 @@ policy with several seeds, all in this one process (one kernel compile):
 and at the end (mean and spread per policy), trainable parameters, and GSM8K
 exact-match accuracy for the best policy's and constant's adapters.
 
-    python benchmarks/quality.py --model SMOLLM2_DIR --data GSM8K_DIR [--seeds 3] [--iters 200]
+    python benchmarks/quality.py --model SMOLLM2_DIR --data GSM8K_DIR [--seeds 3] [--iters 200] [--jobs 6]
+
+``--jobs N`` trains N runs at a time in worker processes (a small model
+leaves a GPU mostly idle); every run seeds itself, so the losses are those
+of a serial run, but tokens/s then measure nothing.
 
 Get the model and data with ``../shared/tools/get-real-data.sh DEST`` (see
 ``benchmarks/README.md``). Writes ``benchmarks/results/quality.json``.
 """
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import re
 import shutil
 import statistics
@@ -122,6 +128,114 @@ def gsm8k_accuracy(model_dir, adapter_path, data, limit, max_tokens, batch_size)
     return correct / len(rows), len(rows)
 
 
+def task(kind, *a):
+    """One unit of work for a worker process (or this one): a run or an evaluation."""
+    return {"train": train, "gsm8k": gsm8k_accuracy}[kind](*a)
+
+
+def run_all(tasks, jobs, deadline):
+    """``{name: result}`` for ``{name: (kind, args...)}``, ``jobs`` at a time.
+
+    The first task runs alone so that the kernels it compiles are on disk
+    before the others start; a task that fails is tried once more (two
+    processes compiling one kernel can meet half-written cache files).
+    Tasks not started by ``deadline`` are left out.
+    """
+    names = list(tasks)
+    done, failed = {}, {}
+    if not names:
+        return done, failed
+    if jobs <= 1:
+        for name in names:
+            if time.monotonic() > deadline:
+                break
+            done[name] = task(*tasks[name])
+            report(name, done[name])
+        return done, failed
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        first = names[0]
+        done[first] = pool.submit(task, *tasks[first]).result()
+        report(first, done[first])
+        pending = {}
+        for name in names[1:]:
+            pending[pool.submit(_until, deadline, *tasks[name])] = (name, 0)
+        while pending:
+            ready, _ = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
+            for future in ready:
+                name, tries = pending.pop(future)
+                try:
+                    result = future.result()
+                except Exception as e:  # noqa: BLE001 - retried once, then recorded
+                    if tries == 0:
+                        pending[pool.submit(_until, deadline, *tasks[name])] = (name, 1)
+                    else:
+                        failed[name] = f"{type(e).__name__}: {e}"[:300]
+                        print(f"{name}: failed: {failed[name]}", flush=True)
+                    continue
+                if result is not None:
+                    done[name] = result
+                    report(name, result)
+    return done, failed
+
+
+def _until(deadline, kind, *a):
+    return None if time.monotonic() > deadline else task(kind, *a)
+
+
+def report(name, result):
+    if "val_loss_final" in result:
+        print(f"{name}: val {result['val_loss_early']:.4f} @ early, "
+              f"{result['val_loss_final']:.4f} @ end", flush=True)  # fmt: skip
+    else:
+        print(f"{name}: GSM8K {result[0]:.3f} on {result[1]}", flush=True)
+
+
+def summarize(runs, bases):
+    """Per base and policy: mean and spread, and the change from constant seed by seed."""
+    table, summary = [], {}
+    for base in bases:
+        const = {
+            r["seed"]: r
+            for r in runs
+            if r["base"] == base and r["policy"] == "constant"
+        }
+        for scaling, budget in POLICIES:
+            policy = label(scaling, budget)
+            mine = [r for r in runs if r["base"] == base and r["policy"] == policy]
+            if not mine:
+                continue
+            early = [r["val_loss_early"] for r in mine]
+            final = [r["val_loss_final"] for r in mine]
+            paired = [r["val_loss_final"] - const[r["seed"]]["val_loss_final"]
+                      for r in mine if r["seed"] in const]  # fmt: skip
+            paired_early = [r["val_loss_early"] - const[r["seed"]]["val_loss_early"]
+                            for r in mine if r["seed"] in const]  # fmt: skip
+            stats = {
+                "runs": len(mine),
+                "seeds": sorted(r["seed"] for r in mine),
+                "val_early_mean": statistics.mean(early),
+                "val_early_std": statistics.pstdev(early),
+                "val_final_mean": statistics.mean(final),
+                "val_final_std": statistics.pstdev(final),
+                "trainable_parameters": mine[0]["trainable_parameters"],
+            }
+            if policy != "constant" and paired:
+                stats.update(
+                    delta_early_vs_constant=statistics.mean(paired_early),
+                    delta_final_vs_constant=statistics.mean(paired),
+                    seeds_better_final=sum(d < 0 for d in paired),
+                    seeds_better_early=sum(d < 0 for d in paired_early),
+                )
+            summary[f"{base}/{policy}"] = stats
+            delta = (f"{stats['delta_final_vs_constant']:+.4f} ({stats['seeds_better_final']}/{len(paired)} better)"
+                     if "delta_final_vs_constant" in stats else "-")  # fmt: skip
+            table.append((base, policy, len(mine), f"{stats['trainable_parameters']:,}",
+                          f"{stats['val_early_mean']:.4f} ± {stats['val_early_std']:.4f}",
+                          f"{stats['val_final_mean']:.4f} ± {stats['val_final_std']:.4f}", delta))  # fmt: skip
+    return table, summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -151,7 +265,10 @@ def main():
     parser.add_argument(
         "--gsm8k", type=int, default=219, help="test questions (0: skip)"
     )
+    parser.add_argument("--gsm8k-seeds", type=int, default=3,
+                        help="seeds whose adapters are evaluated on GSM8K")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--budget-seconds", type=float, default=float("inf"),
                         help="start no new training run after this many seconds")  # fmt: skip
     parser.add_argument("--work", help="working directory (default: a temporary one)")
@@ -160,51 +277,33 @@ def main():
     start = time.monotonic()
     work = Path(args.work or tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
+    bases = args.bases.split(",")
 
     models = prepare_models(args, work)
-    runs, skipped = [], []
+    print(f"models ready after {time.monotonic() - start:.0f} s", flush=True)
+    tasks = {}
     for seed in range(args.seeds):
-        for base in args.bases.split(","):
+        for base in bases:
             for scaling, budget in POLICIES:
                 name = f"{base}/{label(scaling, budget)}/seed{seed}"
-                if time.monotonic() - start > args.budget_seconds:
-                    skipped.append(name)
-                    continue
                 adapter = work / "adapters" / name
                 shutil.rmtree(adapter, ignore_errors=True)
-                result = train(args, models[base], scaling, budget, seed, adapter)
-                runs.append(
-                    {
-                        "base": base,
-                        "policy": label(scaling, budget),
-                        "seed": seed,
-                        **result,
-                    }
+                tasks[name] = (
+                    "train",
+                    args,
+                    models[base],
+                    scaling,
+                    budget,
+                    seed,
+                    adapter,
                 )
-                print(f"{name}: val {result['val_loss_early']:.4f} @ {args.eval_at}, "
-                      f"{result['val_loss_final']:.4f} @ {args.iters}", flush=True)  # fmt: skip
-
-    table, summary = [], {}
-    for base in args.bases.split(","):
-        for scaling, budget in POLICIES:
-            policy = label(scaling, budget)
-            mine = [r for r in runs if r["base"] == base and r["policy"] == policy]
-            if not mine:
-                continue
-            early = [r["val_loss_early"] for r in mine]
-            final = [r["val_loss_final"] for r in mine]
-            stats = {
-                "runs": len(mine),
-                "val_early_mean": statistics.mean(early),
-                "val_early_std": statistics.pstdev(early),
-                "val_final_mean": statistics.mean(final),
-                "val_final_std": statistics.pstdev(final),
-                "trainable_parameters": mine[0]["trainable_parameters"],
-            }
-            summary[f"{base}/{policy}"] = stats
-            table.append((base, policy, len(mine), f"{stats['trainable_parameters']:,}",
-                          f"{stats['val_early_mean']:.4f} ± {stats['val_early_std']:.4f}",
-                          f"{stats['val_final_mean']:.4f} ± {stats['val_final_std']:.4f}"))  # fmt: skip
+    done, failed = run_all(tasks, args.jobs, start + args.budget_seconds)
+    runs = []
+    for name, result in done.items():
+        base, policy, seed = name.split("/")
+        runs.append({"base": base, "policy": policy, "seed": int(seed[4:]), **result})
+    skipped = [n for n in tasks if n not in done]
+    table, summary = summarize(runs, bases)
 
     def save(accuracy):
         write_result(args.out, {
@@ -215,26 +314,40 @@ def main():
             "summary": summary,
             "gsm8k": accuracy,
             "skipped_runs": skipped,
+            "failed_runs": failed,
             "runs": runs,
             "elapsed_seconds": time.monotonic() - start,
         })  # fmt: skip
 
     print_table(["base", "policy", "seeds", "trainable", f"val loss @{args.eval_at}",
-                 f"val loss @{args.iters}"], table)  # fmt: skip
+                 f"val loss @{args.iters}", "Δ end vs constant"], table)  # fmt: skip
     save({})  # the training results are safe before the (long) evaluation
-    accuracy = {}
     optiq = {k: v for k, v in summary.items() if k.startswith("optiq/")}
-    if args.gsm8k and optiq:
-        best = min(optiq, key=lambda k: optiq[k]["val_final_mean"])
-        for key in dict.fromkeys([best, "optiq/constant"]):
-            if key not in optiq:
-                continue
-            adapter = work / "adapters" / f"{key}/seed0"
-            acc, n = gsm8k_accuracy(models["optiq"], adapter, args.data, args.gsm8k,
-                                    args.max_tokens, 32)  # fmt: skip
-            accuracy[key] = {"exact_match": acc, "questions": n}
-            print(f"GSM8K {key}: {acc:.3f} exact match on {n} questions", flush=True)
-
+    if not (args.gsm8k and optiq):
+        return
+    best = min(optiq, key=lambda k: optiq[k]["val_final_mean"])
+    evals = {}
+    for key in dict.fromkeys([best, "optiq/constant"]):
+        for seed in range(args.gsm8k_seeds):
+            adapter = work / "adapters" / f"{key}/seed{seed}"
+            if key in optiq and (adapter / "adapters.safetensors").exists():
+                evals[f"{key}/seed{seed}"] = ("gsm8k", models["optiq"], adapter, args.data,
+                                              args.gsm8k, args.max_tokens, 32)  # fmt: skip
+    results, eval_failed = run_all(evals, args.jobs, float("inf"))
+    failed.update(eval_failed)
+    accuracy = {}
+    for key in dict.fromkeys([best, "optiq/constant"]):
+        per_seed = {
+            n.rsplit("/", 1)[1]: r[0]
+            for n, r in results.items()
+            if n.rsplit("/", 1)[0] == key
+        }
+        if per_seed:
+            n = next(r[1] for r in results.values())
+            accuracy[key] = {"exact_match_mean": statistics.mean(per_seed.values()),
+                             "exact_match_per_seed": per_seed, "questions": n}  # fmt: skip
+            print(f"GSM8K {key}: {accuracy[key]['exact_match_mean']:.3f} exact match "
+                  f"(mean of {len(per_seed)} seeds) on {n} questions", flush=True)  # fmt: skip
     save(accuracy)
 
 
