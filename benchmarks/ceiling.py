@@ -268,53 +268,76 @@ def extrapolate(points, length):
     return guess
 
 
-def search(size, args, limit_gb, deadline, log):
-    """Doubling lengths while they fit, then the longest ``--step`` multiple that fits."""
-    rows, mem, secs = {}, [], []
-    length = args.start
+class Search:
+    """The lengths of one model size: doubling while they fit, then one refinement.
 
-    def measure(length):
-        spec = dict(size=size, length=length, batch=args.batch_size, iters=args.iters,
+    ``double`` measures ``--start``, twice that, ... until a length is over
+    ``--max-length``, is predicted to pass the memory limit or the time left,
+    or fails. ``refine`` then measures the longest ``--step`` multiple between
+    the last length that ran and that stop which is predicted to fit, so
+    "longest" is always a length that ran.
+    """
+
+    def __init__(self, size, args, limit_gb, log):
+        self.size, self.args, self.limit_gb, self.log = size, args, limit_gb, log
+        self.rows, self.mem, self.secs = {}, [], []
+        self.stop = {"length": args.start, "why": None}
+
+    def measure(self, length, deadline):
+        args = self.args
+        spec = dict(size=self.size, length=length, batch=args.batch_size, iters=args.iters,
                     quantized=True, tokenizer=args.tokenizer)  # fmt: skip
         r = probe(spec, min(args.probe_seconds, deadline - time.monotonic()))
-        rows[length] = r
-        log(f"{size} @ {length}: " + (r.get("error") or
-            f"{r['peak_memory_gb']:.1f} GB, {r['tokens_per_second']:,.0f} tok/s, "
-            f"{r['seconds_per_iteration']:.2f} s/iter ({r['wall_seconds']:.0f} s)"))  # fmt: skip
-        if "error" not in r:
-            mem.append((length, r["peak_memory_gb"]))
-            secs.append((length, r["wall_seconds"]))
-        return "error" not in r
+        self.rows[length] = r
+        self.log(f"{self.size} @ {length}: " + (r.get("error") or
+                 f"{r['peak_memory_gb']:.1f} GB, {r['tokens_per_second']:,.0f} tok/s, "
+                 f"{r['seconds_per_iteration']:.2f} s/iter ({r['wall_seconds']:.0f} s)"))  # fmt: skip
+        if "error" in r:
+            return False
+        self.mem.append((length, r["peak_memory_gb"]))
+        self.secs.append((length, r["wall_seconds"]))
+        return True
 
-    def stop_reason(length):
-        if length > args.max_length:
-            return f"over --max-length {args.max_length}"
-        peak = extrapolate(mem, length)
-        if peak is not None and peak > limit_gb:
-            return f"predicted {peak:.1f} GB > {limit_gb:.1f} GB"
-        wall = extrapolate(secs, length)
-        left = deadline - time.monotonic()
-        if wall is not None and wall > min(args.probe_seconds, left):
-            return f"predicted {wall:.0f} s > {min(args.probe_seconds, left):.0f} s left for it"
+    def why_not(self, length, deadline):
+        """Why ``length`` is not measured now, or None."""
+        if length > self.args.max_length:
+            return f"over --max-length {self.args.max_length}"
+        peak = extrapolate(self.mem, length)
+        if peak is not None and peak > self.limit_gb:
+            return f"predicted {peak:.1f} GB > {self.limit_gb:.1f} GB"
+        wall = extrapolate(self.secs, length)
+        left = min(self.args.probe_seconds, deadline - time.monotonic())
+        if wall is not None and wall > left:
+            return f"predicted {wall:.0f} s > {left:.0f} s left for it"
         if left < 20:
             return "time budget"
         return None
 
-    while not (reason := stop_reason(length)) and measure(length):
-        length *= 2
-    stopped = reason or "error"
-    if reason and reason.startswith("predicted") and "GB" in reason and mem:
-        # the longest --step multiple between the last fit and the stop predicted to fit
-        fits = [n for n in range(mem[-1][0] + args.step, length, args.step)
-                if extrapolate(mem, n) <= limit_gb]  # fmt: skip
-        if fits and not stop_reason(fits[-1]):
-            measure(fits[-1])
-    ok = [n for n, r in rows.items() if "error" not in r]
-    return {
-        "lengths": {str(n): r for n, r in sorted(rows.items())},
-        "longest_that_ran": max(ok) if ok else None,
-        "next_not_run": {"length": length, "why": stopped},
-    }
+    def double(self, deadline):
+        length = self.args.start
+        while not (why := self.why_not(length, deadline)):
+            if not self.measure(length, deadline):
+                why = "error"
+                break
+            length *= 2
+        self.stop = {"length": length, "why": why}
+
+    def refine(self, deadline):
+        if not (self.mem and "GB" in (self.stop["why"] or "")):
+            return
+        step, last = self.args.step, self.mem[-1][0]
+        fits = [n for n in range(last + step, self.stop["length"], step)
+                if extrapolate(self.mem, n) <= self.limit_gb]  # fmt: skip
+        if fits and not self.why_not(fits[-1], deadline):
+            self.measure(fits[-1], deadline)
+
+    def result(self):
+        ok = [n for n, r in self.rows.items() if "error" not in r]
+        return {
+            "lengths": {str(n): r for n, r in sorted(self.rows.items())},
+            "longest_that_ran": max(ok) if ok else None,
+            "next_not_run": self.stop,
+        }
 
 
 def adapted(size, all_layers=False):
@@ -378,7 +401,7 @@ def main():
     parser.add_argument("--compare-iters", type=int, default=6)
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--budget-seconds", type=float, default=3600.0,
-                        help="no measurement starts after this; each size gets a share")  # fmt: skip
+                        help="no measurement starts after this: each size doubles in a share, what is left refines")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "ceiling.json"))
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -420,11 +443,14 @@ def main():
             f"{mlx.get('tokens_per_second', 0):,.0f} tok/s, PyTorch+PEFT {torch.get('tokens_per_second', 0):,.0f} tok/s"
             + (f" ({mlx.get('error') or torch.get('error')})" if "mlx_over_torch_tokens_per_second" not in c else ""))  # fmt: skip
 
-    results = {}
-    sizes = args.sizes.split(",")
-    for i, size in enumerate(sizes):
-        share = (end - time.monotonic()) / (len(sizes) - i)
-        results[size] = search(size, args, limit_gb, time.monotonic() + share, log)
+    # every size doubles in its share of the time; what is left refines them
+    searches = [Search(size, args, limit_gb, log) for size in args.sizes.split(",")]
+    for i, search in enumerate(searches):
+        share = (end - time.monotonic()) / (len(searches) - i)
+        search.double(time.monotonic() + share)
+    for search in searches:
+        search.refine(end)
+    results = {search.size: search.result() for search in searches}
 
     rows = []
     for size, res in results.items():
