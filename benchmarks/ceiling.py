@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -368,15 +369,6 @@ def train_flops_per_token(size, length):
     layer = 2 * (d * d * 2 + d * kv * 2 + 3 * d * inter) + 2 * length * d
     adapted_layers = min(LORA_LAYERS, n)
     return n * layer + 2 * adapted_layers * layer + 2 * 2 * d * vocab
-
-
-def median(xs):
-    xs = sorted(xs)
-    return (
-        xs[len(xs) // 2]
-        if len(xs) % 2
-        else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-    )
 
 
 def main():
