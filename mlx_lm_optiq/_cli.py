@@ -1,13 +1,15 @@
-"""What every ``python -m mlx_lm_optiq.<command>`` does with bad input."""
+"""The command-line boundary of every ``python -m mlx_lm_optiq.<command>``."""
 
 import sys
 
+from .errors import OptiqError
+
 
 def run_command(action, args):
-    """Run ``action(args)``; a bad file or argument exits 1 with one line, no traceback."""
+    """Run ``action(args)``; what the user must fix exits 1 with one line."""
     try:
         action(args)
-    except (ValueError, OSError) as e:
+    except (OptiqError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

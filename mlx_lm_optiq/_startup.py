@@ -1,4 +1,4 @@
-"""Interpreter-start half of the runtime shim. Standard library only.
+"""Interpreter-start half of the runtime shim. Standard library only at start-up.
 
 ``mlx_lm_optiq.pth`` in site-packages runs one guarded line at every Python
 start that calls :func:`install`. That puts a finder at the front of
@@ -114,14 +114,14 @@ def _rank_scaling_requested(argv):
         return True
     for flag in ("-c", "--config"):
         if flag in argv[:-1]:
-            path = argv[argv.index(flag) + 1]
             try:
-                with open(path) as f:
-                    return any(
-                        line.split(":", 1)[0].strip() == "rank_scaling" for line in f
-                    )
-            except OSError:
+                import yaml  # mlx-lm's own config reader; only on this failure path
+
+                with open(argv[argv.index(flag) + 1]) as f:
+                    config = yaml.safe_load(f)
+            except Exception:  # noqa: BLE001 - mlx-lm will report a bad config
                 return False
+            return isinstance(config, dict) and config.get("rank_scaling") is not None
     return False
 
 

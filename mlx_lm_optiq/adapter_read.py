@@ -1,62 +1,62 @@
-"""Adapter read back: ranks and facts from an adapter directory.
+"""Adapter read back: ranks, facts and tensors from an adapter directory.
 
 Reads our adapters, stock mlx-lm adapter directories, mlx-optiq 0.7.7 ones
 (``optiq_lora_config.json`` with ``applied_ranks`` keyed
 ``layer_{i}.{module}``) and PEFT ones (``adapter_model.safetensors``). Ranks
 always come from the tensor shapes, which are the truth of what loads; the
-configs add the policy, scale and provenance. Only the safetensors header is
-read, so this module needs neither mlx nor numpy.
+configs add the policy, scale and provenance. Describing an adapter reads
+only the safetensors header (through ``safetensors``), so it needs no mlx.
 """
 
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
-from .adapter_write import SIDECAR
+from .errors import OptiqError
 
 MLX_WEIGHTS = "adapters.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+SIDECAR = "optiq_lora_config.json"
+
+# PEFT's layout: base_model.model.<module path>.lora_A.weight is (r, in),
+# .lora_B.weight is (out, r); mlx-lm's <module path>.lora_a is (in, r).
+PEFT_PREFIX = "base_model.model."
+PEFT_LEAVES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
 
 
-class AdapterFileError(ValueError):
-    """An adapter file is missing, truncated or not what it claims to be."""
+def peft_key(path, leaf):
+    """PEFT's tensor name for mlx-lm's ``<path>.<leaf>`` (``lora_a``/``lora_b``)."""
+    return f"{PEFT_PREFIX}{path}.{PEFT_LEAVES[leaf]}"
+
+
+def _safetensors_problem(error):
+    """What safetensors' header error means, in the words of a user."""
+    detail = str(error).removeprefix("Error while deserializing header: ")
+    if "header too small" in detail:
+        return "too short to be a safetensors file"
+    if "invalid JSON" in detail:
+        return f"not a safetensors file (bad header: {detail})"
+    if "header too large" in detail or "invalid header length" in detail:
+        return f"truncated or not a safetensors file ({detail})"
+    return f"truncated or damaged safetensors file ({detail})"
 
 
 def read_safetensors_header(path: Path) -> Dict[str, tuple]:
     """``{tensor name: shape}`` from a safetensors file, without loading it."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
+    if not path.is_file():
+        raise OptiqError("no such file", path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise AdapterFileError(f"{path}: too short to be a safetensors file")
-            (length,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
-            if length > size - 8:
-                raise AdapterFileError(
-                    f"{path}: truncated or not a safetensors file "
-                    f"(header claims {length} bytes, file has {size})"
-                )
-            header = json.loads(f.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFileError(f"{path}: not a safetensors file (bad header)") from None
-    except FileNotFoundError:
-        raise AdapterFileError(f"{path}: no such file") from None
-    shapes = {}
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        shapes[name] = tuple(info["shape"])
-        end = max(end, info["data_offsets"][1])
-    if 8 + length + end > size:
-        raise AdapterFileError(f"{path}: truncated (tensor data ends past the file)")
-    return shapes
+        with safe_open(str(path), framework="numpy") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as e:
+        raise OptiqError(_safetensors_problem(e), path) from None
 
 
 def mlx_ranks(shapes) -> Dict[str, int]:
@@ -72,54 +72,52 @@ def mlx_ranks(shapes) -> Dict[str, int]:
     return ranks
 
 
-def mlx_units(shapes) -> Dict[str, int]:
+def _units(ranks, shapes, key):
     """``{module path: adapter parameters per unit of rank}``."""
-    ranks = mlx_ranks(shapes)
-    units = {}
-    for path, rank in ranks.items():
-        a = _numel(shapes[f"{path}.lora_a"])
-        b = _numel(shapes.get(f"{path}.lora_b", ()))
-        units[path] = (a + b) // rank
-    return units
+    return {
+        path: (
+            math.prod(shapes[key(path, "lora_a")])
+            + math.prod(shapes.get(key(path, "lora_b"), (0,)))
+        )
+        // rank
+        for path, rank in ranks.items()
+        if rank
+    }
 
 
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n if shape else 0
+def mlx_units(shapes) -> Dict[str, int]:
+    return _units(mlx_ranks(shapes), shapes, lambda path, leaf: f"{path}.{leaf}")
 
 
 def peft_ranks(shapes) -> Dict[str, int]:
     """``{module path: rank}`` from PEFT's ``…<module>.lora_A.weight`` ``(r, in)``."""
-    prefix = "base_model.model."
-    ranks = {}
-    for name, shape in shapes.items():
-        if name.endswith(".lora_A.weight"):
-            path = name[: -len(".lora_A.weight")]
-            ranks[path[len(prefix) :] if path.startswith(prefix) else path] = shape[0]
-    return ranks
+    suffix = "." + PEFT_LEAVES["lora_a"]
+    return {
+        name[: -len(suffix)].removeprefix(PEFT_PREFIX): shape[0]
+        for name, shape in shapes.items()
+        if name.endswith(suffix)
+    }
+
+
+def _peft_name(shapes, path, leaf):
+    name = peft_key(path, leaf)
+    return name if name in shapes else f"{path}.{PEFT_LEAVES[leaf]}"
 
 
 def peft_units(shapes) -> Dict[str, int]:
-    prefix = "base_model.model."
-    units = {}
-    for path, rank in peft_ranks(shapes).items():
-        key = prefix + path if f"{prefix}{path}.lora_A.weight" in shapes else path
-        a = _numel(shapes[f"{key}.lora_A.weight"])
-        b = _numel(shapes.get(f"{key}.lora_B.weight", ()))
-        units[path] = (a + b) // rank
-    return units
+    return _units(
+        peft_ranks(shapes), shapes, lambda path, leaf: _peft_name(shapes, path, leaf)
+    )
 
 
 def read_json(path: Path) -> dict:
     try:
         with open(path) as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OptiqError(f"not valid JSON ({e})", path) from None
     if not isinstance(data, dict):
-        raise AdapterFileError(f"{path}: expected a JSON object")
+        raise OptiqError("expected a JSON object", path)
     return data
 
 
@@ -136,20 +134,12 @@ class AdapterSummary:
     units: Dict[str, int]
     modules: Dict[str, dict] = field(default_factory=dict)  # sidecar facts
 
-    @property
-    def trainable_parameters(self):
-        return sum(self.ranks[p] * self.units[p] for p in self.ranks)
-
-    @property
-    def constant_rank_parameters(self):
-        return self.base_rank * sum(self.units.values())
-
 
 def read_adapter(path) -> AdapterSummary:
     """Describe the adapter directory ``path`` (ours, stock mlx-lm, mlx-optiq or PEFT)."""
     path = Path(path)
     if not path.is_dir():
-        raise AdapterFileError(f"{path}: not an adapter directory")
+        raise OptiqError("not an adapter directory", path)
     config = read_json(path / CONFIG) if (path / CONFIG).is_file() else {}
     sidecar = read_json(path / SIDECAR) if (path / SIDECAR).is_file() else {}
     if (path / MLX_WEIGHTS).is_file():
@@ -159,9 +149,9 @@ def read_adapter(path) -> AdapterSummary:
         shapes = read_safetensors_header(path / PEFT_WEIGHTS)
         ranks, units = peft_ranks(shapes), peft_units(shapes)
     else:
-        raise AdapterFileError(f"{path}: no {MLX_WEIGHTS} or {PEFT_WEIGHTS}")
+        raise OptiqError(f"no {MLX_WEIGHTS} or {PEFT_WEIGHTS}", path)
     if not ranks:
-        raise AdapterFileError(f"{path}: the weights hold no LoRA tensors")
+        raise OptiqError("the weights hold no LoRA tensors", path)
 
     lora = config.get("lora_parameters") or {}
     if sidecar.get("format"):
@@ -227,8 +217,13 @@ UNSUPPORTED_PEFT = {
 }
 
 
-def peft_import_plan(adapter_dir):
+def peft_import_plan(adapter_dir, config=None, shapes=None):
     """How to rebuild a PEFT LoRA adapter in mlx-lm.
+
+    Args:
+        adapter_dir: the PEFT adapter directory.
+        config, shapes: its ``adapter_config.json`` and weight shapes, when
+          already read.
 
     Returns:
         ``({module path: (rank, scale)}, dropout)`` where ``scale`` is what
@@ -237,37 +232,31 @@ def peft_import_plan(adapter_dir):
     """
     adapter_dir = Path(adapter_dir)
     config_file, weights = adapter_dir / CONFIG, adapter_dir / PEFT_WEIGHTS
-    config = read_json(config_file)
+    config = read_json(config_file) if config is None else config
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(
-            f"{config_file}: peft_type {config['peft_type']} is not supported, only LORA"
+        raise OptiqError(
+            f"peft_type {config['peft_type']} is not supported, only LORA", config_file
         )
     for key, feature in UNSUPPORTED_PEFT.items():
         if config.get(key):
-            raise AdapterFileError(
-                f"{config_file}: {feature} is not supported by mlx-lm LoRA layers"
+            raise OptiqError(
+                f"{feature} is not supported by mlx-lm LoRA layers", config_file
             )
     if config.get("bias", "none") != "none":
-        raise AdapterFileError(
-            f"{config_file}: bias={config['bias']!r} is not supported, only 'none'"
+        raise OptiqError(
+            f"bias={config['bias']!r} is not supported, only 'none'", config_file
         )
-    shapes = read_safetensors_header(weights)
+    shapes = read_safetensors_header(weights) if shapes is None else shapes
     for name, shape in shapes.items():
         if "lora_embedding_" in name:
-            raise AdapterFileError(
-                f"{weights}: embedding adapters ({name}) are not supported"
-            )
+            raise OptiqError(f"embedding adapters ({name}) are not supported", weights)
         if "lora_magnitude_vector" in name:
-            raise AdapterFileError(
-                f"{weights}: DoRA tensors ({name}) are not supported"
-            )
-        if name.endswith((".lora_A.weight", ".lora_B.weight")) and len(shape) != 2:
-            raise AdapterFileError(
-                f"{weights}: {name} is not a 2-D linear adapter (MoE?)"
-            )
+            raise OptiqError(f"DoRA tensors ({name}) are not supported", weights)
+        if name.endswith(tuple(PEFT_LEAVES.values())) and len(shape) != 2:
+            raise OptiqError(f"{name} is not a 2-D linear adapter (MoE?)", weights)
     ranks = peft_ranks(shapes)
     if not ranks:
-        raise AdapterFileError(f"{weights}: no LoRA tensors (…lora_A.weight)")
+        raise OptiqError("no LoRA tensors (…lora_A.weight)", weights)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     base_r, base_alpha = config.get("r", 8), config.get("lora_alpha", 8)
@@ -276,8 +265,9 @@ def peft_import_plan(adapter_dir):
         key = peft_pattern_key(rank_pattern, path)
         expected = rank_pattern[key] if key else base_r
         if expected != rank:
-            raise AdapterFileError(
-                f"{weights}: {path} has rank {rank} but {config_file.name} says {expected}"
+            raise OptiqError(
+                f"{path} has rank {rank} but {config_file.name} says {expected}",
+                weights,
             )
         key = peft_pattern_key(alpha_pattern, path)
         alpha = alpha_pattern[key] if key else base_alpha
@@ -286,20 +276,106 @@ def peft_import_plan(adapter_dir):
     return plan, config.get("lora_dropout", 0.0)
 
 
-def rank_pattern_for_mlx(adapter_dir: Path) -> Optional[Dict[str, int]]:
-    """The per-module ranks mlx-lm must build to load ``adapter_dir``.
+def mlx_rank_pattern(config, shapes) -> Optional[Dict[str, int]]:
+    """The per-module ranks mlx-lm must build to load an mlx-lm adapter.
 
     ``None`` when stock loading already gets it right: the config carries
     ``lora_parameters.rank_pattern``, or every tensor has the config's rank.
     """
-    config_file = Path(adapter_dir) / CONFIG
-    weights = Path(adapter_dir) / MLX_WEIGHTS
-    if not config_file.is_file() or not weights.is_file():
-        return None  # mlx-lm's own error says what is missing
-    lora = read_json(config_file).get("lora_parameters") or {}
+    lora = config.get("lora_parameters") or {}
     if lora.get("rank_pattern"):
         return None
-    ranks = mlx_ranks(read_safetensors_header(weights))
+    ranks = mlx_ranks(shapes)
     if all(r == lora.get("rank") for r in ranks.values()):
         return None
     return ranks
+
+
+def check_tensors_fit(weights_file, shapes, expected, rank_pattern):
+    """Refuse adapter tensors that don't fit the model, before anything changes.
+
+    Args:
+        weights_file: the adapter's ``adapters.safetensors``.
+        shapes: its ``{tensor name: shape}``.
+        expected: ``{tensor name: shape}`` the model builds with these settings
+          (:func:`mlx_lm_optiq.lora_layers.expected_tensors`).
+        rank_pattern: the per-module ranks it is built with (or ``None``).
+    """
+    rank_pattern = rank_pattern or {}
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise OptiqError(
+                f"{name} is not an adapter parameter of this model "
+                "(check num_layers and keys in adapter_config.json)",
+                weights_file,
+            )
+        if tuple(shape) != tuple(expected[name]):
+            what = "rank_pattern" if name.rsplit(".", 1)[0] in rank_pattern else "rank"
+            raise OptiqError(
+                f"{name} has shape {tuple(shape)} but this model with "
+                f"adapter_config.json's {what} needs {tuple(expected[name])}; is the "
+                "adapter for another base model, or its config for other weights?",
+                weights_file,
+            )
+
+
+def check_modules_fit(source, modules, dims):
+    """Refuse ``modules`` (from :func:`load_modules`) that don't fit a model.
+
+    Args:
+        source: the file or directory they came from, for the message.
+        modules: ``{module path: (lora_a, lora_b, scale)}``.
+        dims: ``{module path: (in, out)}`` of the model's linear layers.
+    """
+    for path, (lora_a, lora_b, _) in modules.items():
+        if path not in dims:
+            raise OptiqError(f"{path} is not a linear layer of this model", source)
+        in_dims, out_dims = dims[path]
+        if lora_a.shape[0] != in_dims or lora_b.shape[1] != out_dims:
+            raise OptiqError(
+                f"{path} adapts a {in_dims}->{out_dims} layer of this model but its "
+                f"tensors are {tuple(lora_a.shape)} and {tuple(lora_b.shape)}; is "
+                "this adapter for another base model?",
+                source,
+            )
+
+
+def load_modules(adapter_dir):
+    """``{module path: (lora_a (in, r), lora_b (r, out), scale)}`` and the dropout.
+
+    Reads our adapters, stock mlx-lm ones and PEFT ones alike.
+    """
+    import mlx.core as mx
+
+    adapter_dir = Path(adapter_dir)
+    if is_peft_dir(adapter_dir):
+        plan, dropout = peft_import_plan(adapter_dir)
+        weights = mx.load(str(adapter_dir / PEFT_WEIGHTS))
+        modules = {
+            path: (
+                weights[peft_key(path, "lora_a")].T,
+                weights[peft_key(path, "lora_b")].T,
+                scale,
+            )
+            for path, (_, scale) in plan.items()
+        }
+        return modules, dropout
+    config = read_json(adapter_dir / CONFIG)
+    lora = config.get("lora_parameters") or {}
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise OptiqError(
+            f"only LoRA adapters export (not {config['fine_tune_type']})",
+            adapter_dir / CONFIG,
+        )
+    read_safetensors_header(adapter_dir / MLX_WEIGHTS)  # a clear error first
+    weights = mx.load(str(adapter_dir / MLX_WEIGHTS))
+    modules = {
+        name[: -len(".lora_a")]: (
+            weights[name],
+            weights[name[: -len("a")] + "b"],
+            lora["scale"],
+        )
+        for name in weights
+        if name.endswith(".lora_a")
+    }
+    return modules, lora.get("dropout", 0.0)

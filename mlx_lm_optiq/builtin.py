@@ -1,13 +1,14 @@
 """The built-in rank policies, metadata readers and after-save actions.
 
-An ordinary plugin on :func:`mlx_lm_optiq.plugins.get_plugin_manager`,
-registered before any third-party one; ``tryfirst`` keeps its registrations
-ahead of theirs.
+An ordinary plugin of :mod:`mlx_lm_optiq.plugins`, registered before any
+third-party one; ``tryfirst`` keeps its registrations ahead of theirs.
 """
 
 import functools
 
 from . import adapter_read, adapter_write, metadata, ranks
+from .atomic import atomic_write_json
+from .errors import OptiqError
 from .hookspecs import hookimpl
 
 
@@ -28,30 +29,22 @@ def optiq_register_metadata_readers(register):
 @hookimpl(tryfirst=True)
 def optiq_adapter_saved(run, adapter_dir):
     """The built-in actions, in this order, before any other plugin's."""
-    check_weights_finite(adapter_dir)
+    adapter_write.check_finite(adapter_dir / adapter_read.MLX_WEIGHTS)
     write_adapter_config_and_sidecar(run, adapter_dir)
     write_peft_layout(run, adapter_dir)
-
-
-def check_weights_finite(adapter_dir):
-    adapter_write.check_finite(adapter_dir / adapter_read.MLX_WEIGHTS)
 
 
 def write_adapter_config_and_sidecar(run, adapter_dir):
     config_file = adapter_dir / adapter_read.CONFIG
     config = adapter_read.read_json(config_file)
-    adapter_write.atomic_write_json(
-        config_file, {**config, **adapter_write.peft_config_keys(run)}
-    )
-    adapter_write.atomic_write_json(
-        adapter_dir / adapter_write.SIDECAR, adapter_write.sidecar(run)
-    )
+    atomic_write_json(config_file, {**config, **adapter_write.peft_config_keys(run)})
+    atomic_write_json(adapter_dir / adapter_read.SIDECAR, adapter_write.sidecar(run))
 
 
 def write_peft_layout(run, adapter_dir):
     try:
         adapter_write.check_peft_architecture(run.model_type)
-    except adapter_write.PeftExportError as e:
+    except OptiqError as e:
         print(f"note: {e}")
         return
     adapter_write.write_peft_weights(

@@ -15,52 +15,10 @@ from pathlib import Path
 
 from . import adapter_read
 from ._cli import run_command
-from .adapter_read import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, AdapterFileError
-from .adapter_write import (
-    SIDECAR,
-    PeftExportError,
-    atomic_write_dir,
-    atomic_write_json,
-    check_peft_architecture,
-    peft_config,
-    to_peft_tensors,
-)
-
-
-def load_modules(adapter_dir):
-    """``{module path: (lora_a (in, r), lora_b (r, out), scale)}`` and the dropout.
-
-    Reads our adapters, stock mlx-lm ones and PEFT ones alike.
-    """
-    import mlx.core as mx
-
-    adapter_dir = Path(adapter_dir)
-    if adapter_read.is_peft_dir(adapter_dir):
-        plan, dropout = adapter_read.peft_import_plan(adapter_dir)
-        weights = mx.load(str(adapter_dir / PEFT_WEIGHTS))
-        modules = {}
-        for path, (rank, scale) in plan.items():
-            prefix = f"base_model.model.{path}"
-            modules[path] = (
-                weights[f"{prefix}.lora_A.weight"].T,
-                weights[f"{prefix}.lora_B.weight"].T,
-                scale,
-            )
-        return modules, dropout
-    config = adapter_read.read_json(adapter_dir / CONFIG)
-    lora = config.get("lora_parameters") or {}
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise AdapterFileError(
-            f"{adapter_dir / CONFIG}: only LoRA adapters export (not {config['fine_tune_type']})"
-        )
-    adapter_read.read_safetensors_header(adapter_dir / MLX_WEIGHTS)  # clear error first
-    weights = mx.load(str(adapter_dir / MLX_WEIGHTS))
-    modules = {}
-    for name in weights:
-        if name.endswith(".lora_a"):
-            path = name[: -len(".lora_a")]
-            modules[path] = (weights[name], weights[f"{path}.lora_b"], lora["scale"])
-    return modules, lora.get("dropout", 0.0)
+from .adapter_read import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, SIDECAR, load_modules
+from .adapter_write import check_peft_architecture, peft_config, save_peft_tensors
+from .atomic import atomic_write_dir, atomic_write_json
+from .errors import OptiqError
 
 
 def _model_type(adapter_dir, base):
@@ -75,9 +33,10 @@ def _model_type(adapter_dir, base):
             return adapter_read.read_json(Path(model_dir) / "config.json").get(
                 "model_type"
             )
-    raise PeftExportError(
-        f"{adapter_dir}: can't tell the model architecture; pass --base with the "
-        "local directory of the base model"
+    raise OptiqError(
+        "can't tell the model architecture; pass --base with the local directory "
+        "of the base model",
+        adapter_dir,
     )
 
 
@@ -97,7 +56,7 @@ def check_module_names(base, paths):
     names = {n for n, _ in model.named_modules()}
     missing = sorted(set(paths) - names)
     if missing:
-        raise PeftExportError(
+        raise OptiqError(
             f"{len(missing)} module paths are not in the transformers model {base} "
             f"(e.g. {missing[0]})"
         )
@@ -127,14 +86,7 @@ def export_peft(adapter_dir, out, base=None):
         tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = a, b
 
     def write(tmp):
-        import mlx.core as mx
-
-        peft_tensors = {
-            k: mx.contiguous(v) for k, v in to_peft_tensors(tensors).items()
-        }
-        mx.save_safetensors(
-            str(tmp / PEFT_WEIGHTS), peft_tensors, metadata={"format": "pt"}
-        )
+        save_peft_tensors(tmp / PEFT_WEIGHTS, tensors)
         atomic_write_json(tmp / CONFIG, peft)
 
     atomic_write_dir(out, write)

@@ -6,7 +6,15 @@ Built-in behaviour is registered through these same hooks
 
     [project.entry-points.mlx_lm_optiq]
     my_plugin = "my_package.my_module"
+
+The types a hook receives, :class:`RankContext` and :class:`Run`, live here
+too. A hook stops the command on purpose by raising
+:class:`mlx_lm_optiq.errors.OptiqError` (a ``ValueError``); any other
+exception disables the plugin, with one line saying so.
 """
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import pluggy
 
@@ -14,14 +22,52 @@ hookspec = pluggy.HookspecMarker("mlx_lm_optiq")
 hookimpl = pluggy.HookimplMarker("mlx_lm_optiq")
 
 
+@dataclass
+class RankContext:
+    """Everything a rank policy is given; new fields only ever get added.
+
+    Attributes:
+        base_rank: ``lora_parameters.rank``.
+        facts: ``{module path: ModuleFacts}`` (``bits``, ``kl`` and where each
+            came from) for every module the run adapts, in mlx-lm's order.
+        units: ``{module path: adapter parameters per unit of rank}``
+            (``in + out`` for a linear layer).
+        budget: the adapter parameters the ranks may spend, when the user
+            gave a budget (``--rank-budget``); ``None`` for ``free``.
+        report: call with one line to tell the user something.
+    """
+
+    base_rank: int
+    facts: dict
+    units: Dict[str, int]
+    budget: Optional[int] = None
+    report: Callable[[str], None] = print
+
+
+@dataclass
+class Run:
+    """Everything decided about one training run's adapter before it starts."""
+
+    scaling: str
+    budget: str
+    base_rank: int
+    base_model: str
+    lora_parameters: dict  # what mlx-lm gets, with rank_pattern
+    ranks: Dict[str, int]
+    units: Dict[str, int]
+    facts: dict
+    sources: List = field(default_factory=list)
+    model_type: Optional[str] = None
+
+
 @hookspec
 def optiq_register_rank_policies(register):
     """Register rank policies for ``--rank-scaling``.
 
-    A policy is ``policy(base_rank, facts, report) -> {module path: rank}``,
-    where ``facts`` maps each adapted module path to its
-    :class:`~mlx_lm_optiq.metadata.ModuleFacts` (bits, KL) and ``report``
-    prints one line for the user. Built-in names can't be replaced.
+    A policy is ``policy(context) -> {module path: rank}`` taking one
+    :class:`RankContext`. Built-in names can't be replaced. (The older
+    ``policy(base_rank, facts, report)`` still works, with a deprecation
+    message, until 0.3.)
 
     :param register: call ``register(name, policy)`` for each policy.
     """
@@ -34,7 +80,7 @@ def optiq_register_metadata_readers(register):
     Files are tried in registration order (built-ins first), one reader per
     file: the first reader registered for a file name wins. A reader returns
     a :class:`~mlx_lm_optiq.metadata.Source`, or ``None`` when the file holds
-    nothing for it, and raises ``MetadataError`` for a bad file.
+    nothing for it, and raises ``OptiqError`` for a bad file.
 
     :param register: call ``register(file name relative to the model
         directory, reader)``; ``reader(path)`` is called when the file exists.
@@ -50,6 +96,6 @@ def optiq_adapter_saved(run, adapter_dir):
     PEFT keys, write the ``optiq_lora_config.json`` sidecar and the
     PEFT-layout ``adapter_model.safetensors``.
 
-    :param run: the :class:`~mlx_lm_optiq.lora_hooks.Run` (ranks, facts, policy).
+    :param run: the :class:`Run` (ranks, facts, policy).
     :param adapter_dir: the adapter directory (a ``pathlib.Path``).
     """

@@ -8,8 +8,9 @@ import argparse
 import json
 import sys
 
-from .adapter_read import AdapterFileError, read_adapter
-from .ranks import describe, distribution
+from ._cli import run_command
+from .adapter_read import read_adapter
+from .ranks import constant_parameters, describe, distribution, parameter_count
 
 TITLES = {
     "mlx-lm-optiq": "OptiQ LoRA adapter",
@@ -36,8 +37,10 @@ def as_dict(summary):
             str(k): v for k, v in distribution(summary.ranks).items()
         },
         "adapted_modules": len(summary.ranks),
-        "trainable_parameters": summary.trainable_parameters,
-        "constant_rank_parameters": summary.constant_rank_parameters,
+        "trainable_parameters": parameter_count(summary.ranks, summary.units),
+        "constant_rank_parameters": constant_parameters(
+            summary.units, summary.base_rank
+        ),
         "modules": {
             p: {
                 "rank": r,
@@ -94,18 +97,16 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        summary = read_adapter(args.adapter_path)
-    except (AdapterFileError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def show(args):
+    summary = read_adapter(args.adapter_path)
     if args.json:
         print(json.dumps(as_dict(summary), indent=2))
     else:
         print(render(summary, layers=args.layers))
-    return 0
+
+
+def main(argv=None):
+    return run_command(show, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,51 +1,37 @@
-"""What the plugin does at mlx-lm's call sites, as pluggy hook implementations.
+"""The orchestrator: what the plugin does at mlx-lm's call sites.
 
-The same functions run whether a patched mlx-lm calls them (through its
-``mlx_lm`` entry-point group) or the shim does. They see plain data; what
-needs mlx-lm internals is asked of :mod:`mlx_lm_optiq.shim`.
+These pluggy hook implementations run whether a patched mlx-lm calls them
+(entry-point group ``mlx_lm``) or the shim does, and they are the only
+place that ties the rest together: metadata in (:mod:`.metadata`), ranks out
+(:mod:`.ranks`), adapter written (:mod:`.adapter_write`), adapter read back
+(:mod:`.adapter_read`), on mlx-lm's LoRA layers (:mod:`.lora_layers`).
+
+A run's plan is written into the adapter directory as the sidecar before
+training starts, and read back from there once the weights are saved; no
+state is kept in between.
 """
 
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
-from . import RANK_BUDGET_CHOICES, adapter_read, plugins
-from .metadata import module_facts, read_sources
+from . import adapter_read, adapter_write, lora_layers, metadata, plugins, ranks
+from .atomic import atomic_write_json
+from .errors import OptiqError
+from .hookspecs import Run
 from .mlx_lm_hookspecs import hookimpl
-from .ranks import RankPolicyError, assign, describe
 
-
-@dataclass
-class Run:
-    """Everything decided about one training run's adapter before it starts."""
-
-    scaling: str
-    budget: str
-    base_rank: int
-    base_model: str
-    lora_parameters: dict  # what mlx-lm gets, with rank_pattern
-    ranks: Dict[str, int]
-    units: Dict[str, int]
-    facts: dict
-    sources: list = field(default_factory=list)
-    model_type: Optional[str] = None
-
-
-# Runs between mlx_lm_lora_parameters and mlx_lm_lora_adapter_saved, by args.
-_runs: Dict[int, Run] = {}
-
-
-def _shim():
-    from . import shim
-
-    return shim
+RANK_BUDGETS = ("free", "match")
 
 
 def _is_main_process():
     import mlx.core as mx
 
     return mx.distributed.init().rank() == 0
+
+
+def _quiet(*args, **kwargs):
+    pass
 
 
 @hookimpl
@@ -73,7 +59,7 @@ def mlx_lm_lora_add_arguments(parser):
     )
     group.add_argument(
         "--rank-budget",
-        choices=RANK_BUDGET_CHOICES,
+        choices=RANK_BUDGETS,
         default=None,
         help="free (default): keep the policy's ranks; match: rescale them so "
         "the adapter has no more parameters than constant rank would.",
@@ -82,30 +68,43 @@ def mlx_lm_lora_add_arguments(parser):
 
 @hookimpl
 def mlx_lm_lora_parameters(args, model):
-    try:
-        if getattr(args, "rank_scaling", None) is not None:
-            run = prepare_run(args, model)
-            _runs[id(args)] = run
-            return run.lora_parameters
+    if getattr(args, "rank_scaling", None) is None:
         if getattr(args, "rank_budget", None):
-            raise RankPolicyError("--rank-budget needs --rank-scaling")
+            raise OptiqError("--rank-budget needs --rank-scaling")
         return resume_lora_parameters(args)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"mlx_lm.lora: error: {e}") from None
+    try:
+        run = plan_run(args, model)
+    except (OptiqError, OSError):
+        raise
+    except Exception as e:
+        # Asked for by name: never fall back to stock training on a bug.
+        raise OptiqError(
+            f"mlx-lm-optiq could not choose the ranks ({type(e).__name__}: {e}); "
+            "this is a bug, please report it"
+        ) from e
+    if _is_main_process():
+        adapter_dir = Path(args.adapter_path)
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            adapter_dir / adapter_read.SIDECAR, adapter_write.sidecar(run)
+        )
+    return run.lora_parameters
 
 
 @hookimpl
 def mlx_lm_lora_adapter_saved(args, model, adapter_path):
-    run = _runs.pop(id(args), None)
-    if run is None or not _is_main_process():
+    if getattr(args, "rank_scaling", None) is None or not _is_main_process():
         return
     adapter_dir = Path(adapter_path)
+    sidecar = adapter_dir / adapter_read.SIDECAR
+    run = read_run(adapter_dir)
     try:
         plugins.get_plugin_manager().hook.optiq_adapter_saved(
             run=run, adapter_dir=adapter_dir
         )
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"mlx_lm.lora: error: {e}") from None
+    except OptiqError:
+        sidecar.unlink(missing_ok=True)  # not a trained adapter
+        raise
     print(
         f"adapter with per-module ranks saved to {adapter_dir} "
         f"(inspect with: python -m mlx_lm_optiq.info {adapter_dir})"
@@ -116,7 +115,7 @@ def mlx_lm_lora_adapter_saved(args, model, adapter_path):
 def mlx_lm_load_adapters(model, adapter_path):
     adapter_dir = Path(adapter_path)
     if adapter_read.is_peft_dir(adapter_dir):
-        return _shim().load_peft_adapter(model, adapter_dir)
+        return load_peft_adapter(model, adapter_dir)
     config_file = adapter_dir / adapter_read.CONFIG
     weights_file = adapter_dir / adapter_read.MLX_WEIGHTS
     if not config_file.is_file() or not weights_file.is_file():
@@ -124,12 +123,45 @@ def mlx_lm_load_adapters(model, adapter_path):
     config = adapter_read.read_json(config_file)
     if config.get("fine_tune_type", "lora") == "full":
         return None
-    inferred = adapter_read.rank_pattern_for_mlx(adapter_dir)
-    pattern = inferred or (config.get("lora_parameters") or {}).get("rank_pattern")
-    _shim().check_mlx_adapter(model, weights_file, config, pattern)
+    shapes = adapter_read.read_safetensors_header(weights_file)
+    lora = config.get("lora_parameters") or {}
+    inferred = adapter_read.mlx_rank_pattern(config, shapes)
+    pattern = inferred or lora.get("rank_pattern")
+    use_dora = config.get("fine_tune_type", "lora") == "dora"
+    expected, adapted = lora_layers.expected_tensors(
+        model, config["num_layers"], lora, pattern, use_dora
+    )
+    stray = sorted(set(pattern or {}) - set(adapted))
+    if stray:
+        raise OptiqError(
+            f"rank_pattern names {len(stray)} module(s) that are not adapted (e.g. "
+            f"{stray[0]}); check num_layers and keys",
+            config_file,
+        )
+    adapter_read.check_tensors_fit(weights_file, shapes, expected, pattern)
     if inferred is None:
         return None  # stock loading gets it right
-    return _shim().load_mlx_adapter(model, adapter_dir, inferred)
+    lora_layers.convert(
+        model, config["num_layers"], {**lora, "rank_pattern": inferred}, use_dora
+    )
+    return lora_layers.load_weights(model, weights_file)
+
+
+def load_peft_adapter(model, adapter_dir):
+    """Build and load a PEFT LoRA adapter directory into an mlx-lm model.
+
+    Every module and tensor shape is checked before the model is changed, so
+    an adapter for another base model is refused with the model untouched.
+    """
+    adapter_dir = Path(adapter_dir)
+    adapter_write.check_peft_architecture(getattr(model, "model_type", None))
+    modules, dropout = adapter_read.load_modules(adapter_dir)
+    adapter_read.check_modules_fit(
+        adapter_dir / adapter_read.PEFT_WEIGHTS,
+        modules,
+        lora_layers.model_linear_dims(model),
+    )
+    return lora_layers.swap_in(model, lora_layers.lora_layers(model, modules, dropout))
 
 
 def base_lora_parameters(args) -> dict:
@@ -141,9 +173,7 @@ def base_lora_parameters(args) -> dict:
     params = copy.deepcopy(args.lora_parameters)
     if getattr(args, "rank", None) is not None:
         params["rank"] = args.rank
-    rank = params.get("rank")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise RankPolicyError(f"the LoRA rank must be a positive integer, got {rank!r}")
+    ranks.check_base_rank(params.get("rank"))
     return params
 
 
@@ -155,63 +185,63 @@ def resume_lora_parameters(args):
         return None
     params = base_lora_parameters(args)
     if resume is not None:
-        ranks = adapter_read.mlx_ranks(
-            adapter_read.read_safetensors_header(Path(resume))
-        )
-        if any(r != params["rank"] for r in ranks.values()):
-            params["rank_pattern"] = ranks
+        found = adapter_read.mlx_ranks(adapter_read.read_safetensors_header(resume))
+        if any(r != params["rank"] for r in found.values()):
+            params["rank_pattern"] = found
     return params
 
 
 def resolve_model_dir(model) -> Optional[Path]:
-    """The local directory of ``--model``: a path, or a Hugging Face cache hit."""
+    """The local directory of ``--model``: a path, or mlx-lm's Hugging Face cache."""
     path = Path(model)
     if path.is_dir():
         return path
-    try:
-        from huggingface_hub import snapshot_download
+    from mlx_lm.utils import hf_repo_to_path
 
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached: no metadata files to read
+    try:
+        return hf_repo_to_path(model)
+    except (OSError, ValueError):  # not cached: no metadata files to read
         return None
 
 
-def _model_type(model_dir):
-    try:
-        return adapter_read.read_json(model_dir / "config.json").get("model_type")
-    except (OSError, TypeError, ValueError):
-        return None
-
-
-def prepare_run(args, model, report=print) -> Run:
+def plan_run(args, model, report=print) -> Run:
     """Choose the rank of every module that is about to be adapted.
 
     Every process of a distributed run computes the same ranks from the same
     files; only the main process prints.
     """
     if not _is_main_process():
-        report = lambda *a, **k: None  # noqa: E731
+        report = _quiet
     if args.fine_tune_type == "full":
-        raise RankPolicyError(
-            "--rank-scaling needs --fine-tune-type lora or dora, not full"
+        raise OptiqError("--rank-scaling needs --fine-tune-type lora or dora, not full")
+    custom = lora_layers.own_lora_builders(model)
+    if custom:
+        raise OptiqError(
+            f"{custom[0]} builds its own LoRA layer; per-module ranks are not "
+            "supported for this architecture"
         )
-    shim = _shim()
     params = base_lora_parameters(args)
+    use_dora = args.fine_tune_type == "dora"
     targets = [
-        (path, *shim.describe_module(module))
-        for path, module in shim.adapted_modules(
-            model, args.num_layers, params, use_dora=args.fine_tune_type == "dora"
+        (path, *lora_layers.describe_module(module))
+        for path, module in lora_layers.adapted_modules(
+            model, args.num_layers, params, use_dora
         )
     ]
-    all_paths = [p for p, _ in model.named_modules()]
     scaling = args.rank_scaling
     budget = getattr(args, "rank_budget", None) or "free"
     base_rank = params["rank"]
-    model_dir = resolve_model_dir(args.model)
-    sources = read_sources(model_dir)
-    facts = module_facts([(p, b) for p, b, _ in targets], all_paths, sources, report)
+    sources = metadata.read_sources(
+        resolve_model_dir(args.model), plugins.metadata_readers()
+    )
+    facts = metadata.module_facts(
+        [(p, b) for p, b, _ in targets],
+        [p for p, _ in model.named_modules()],
+        sources,
+        report,
+    )
     units = {p: u for p, _, u in targets}
-    ranks = assign(
+    chosen = ranks.assign(
         scaling,
         base_rank,
         facts,
@@ -221,31 +251,59 @@ def prepare_run(args, model, report=print) -> Run:
         policies=plugins.rank_policies(),
     )
     if getattr(args, "resume_adapter_file", None):
-        _check_resume(Path(args.resume_adapter_file), ranks)
-    params["rank_pattern"] = ranks
+        _check_resume(Path(args.resume_adapter_file), chosen)
+    params["rank_pattern"] = chosen
     report(f"rank scaling: {scaling} (base rank {base_rank}, budget {budget})")
-    report(describe(ranks, units, base_rank))
+    report(ranks.describe(chosen, units, base_rank))
     return Run(
         scaling=scaling,
         budget=budget,
         base_rank=base_rank,
         base_model=args.model,
         lora_parameters=params,
-        ranks=ranks,
+        ranks=chosen,
         units=units,
         facts=facts,
         sources=sources,
-        model_type=_model_type(model_dir) if model_dir else None,
+        model_type=getattr(model, "model_type", None),
     )
 
 
-def _check_resume(resume_file, ranks):
+def read_run(adapter_dir) -> Run:
+    """The :class:`Run` that :func:`plan_run` recorded in ``adapter_dir``."""
+    doc = adapter_read.read_json(Path(adapter_dir) / adapter_read.SIDECAR)
+    config = adapter_read.read_json(Path(adapter_dir) / adapter_read.CONFIG)
+    modules = doc["modules"]
+    return Run(
+        scaling=doc["rank_scaling"],
+        budget=doc["rank_budget"],
+        base_rank=doc["base_rank"],
+        base_model=doc["base_model"],
+        lora_parameters=config["lora_parameters"],
+        ranks={p: m["rank"] for p, m in modules.items()},
+        units=doc["units"],
+        facts={
+            p: metadata.ModuleFacts(
+                m["bits"], m["bits_source"], m["kl"], m["kl_source"]
+            )
+            for p, m in modules.items()
+        },
+        sources=[
+            metadata.Source(f["file"], Path(f["file"]), sha256=f["sha256"])
+            for f in doc["metadata_files"]
+        ],
+        model_type=doc["model_type"],
+    )
+
+
+def _check_resume(resume_file, chosen):
     found = adapter_read.mlx_ranks(adapter_read.read_safetensors_header(resume_file))
-    differ = sorted(p for p in ranks if p in found and found[p] != ranks[p])
+    differ = sorted(p for p in chosen if p in found and found[p] != chosen[p])
     if differ:
         p = differ[0]
-        raise RankPolicyError(
-            f"{resume_file}: {len(differ)} modules have other ranks than this run "
-            f"chooses (e.g. {p}: {found[p]} in the file, {ranks[p]} now); resume "
-            "with the rank scaling and base rank the file was trained with"
+        raise OptiqError(
+            f"{len(differ)} modules have other ranks than this run chooses (e.g. "
+            f"{p}: {found[p]} in the file, {chosen[p]} now); resume with the rank "
+            "scaling and base rank the file was trained with",
+            resume_file,
         )

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .errors import OptiqError
+
 VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
 WRAPPER_PREFIXES = ("model", "language_model", "backbone", "transformer")
 
@@ -31,14 +33,6 @@ LEGACY_OPTIQ_METADATA = "optiq_metadata.json"
 SENSITIVITY = "optiq/sensitivity.json"
 MODEL_CONFIG = "config.json"
 LIVE_MODEL = "model"
-
-
-class MetadataError(ValueError):
-    """A metadata file is unreadable or says something impossible."""
-
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-        self.path = path
 
 
 def canonical(key: str) -> str:
@@ -75,7 +69,7 @@ def _load_json(path: Path):
     try:
         return json.loads(raw), hashlib.sha256(raw).hexdigest()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MetadataError(path, f"not valid JSON ({e})") from None
+        raise OptiqError(f"not valid JSON ({e})", path) from None
 
 
 def _check_bits(path, key, bits):
@@ -84,8 +78,8 @@ def _check_bits(path, key, bits):
         or not isinstance(bits, (int, float))
         or bits not in VALID_BITS
     ):
-        raise MetadataError(
-            path, f"{key}: bits must be one of {list(VALID_BITS)}, got {bits!r}"
+        raise OptiqError(
+            f"{key}: bits must be one of {list(VALID_BITS)}, got {bits!r}", path
         )
     return int(bits)
 
@@ -97,7 +91,7 @@ def _check_kl(path, key, kl):
         or not math.isfinite(kl)
         or kl < 0
     ):
-        raise MetadataError(path, f"{key}: KL must be a finite number >= 0, got {kl!r}")
+        raise OptiqError(f"{key}: KL must be a finite number >= 0, got {kl!r}", path)
     return float(kl)
 
 
@@ -107,13 +101,13 @@ def read_optiq_metadata(path: Path, name: str) -> Source:
     if per_layer is None and isinstance(data, dict):
         per_layer = (data.get("optimization") or {}).get("per_layer")
     if not isinstance(per_layer, dict):
-        raise MetadataError(
-            path, "no 'per_layer' mapping (top level or under 'optimization')"
+        raise OptiqError(
+            "no 'per_layer' mapping (top level or under 'optimization')", path
         )
     source = Source(name, path, sha256=sha)
     for key, entry in per_layer.items():
         if not isinstance(entry, dict) or "bits" not in entry:
-            raise MetadataError(path, f"per_layer[{key!r}] has no 'bits'")
+            raise OptiqError(f"per_layer[{key!r}] has no 'bits'", path)
         source.bits[canonical(key)] = _check_bits(path, key, entry["bits"])
         if entry.get("kl") is not None:
             source.kl[canonical(key)] = _check_kl(path, key, entry["kl"])
@@ -124,24 +118,24 @@ def read_sensitivity(path: Path) -> Source:
     data, sha = _load_json(path)
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, list):
-        raise MetadataError(path, "no 'layers' list")
+        raise OptiqError("no 'layers' list", path)
     candidates = data.get("candidate_bits") or []
     source = Source(SENSITIVITY, path, sha256=sha)
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict) or "layer_name" not in layer:
-            raise MetadataError(path, f"layers[{i}] has no 'layer_name'")
+            raise OptiqError(f"layers[{i}] has no 'layer_name'", path)
         sens = layer.get("sensitivities")
         if not isinstance(sens, dict) or not sens:
-            raise MetadataError(path, f"{layer['layer_name']}: no 'sensitivities'")
+            raise OptiqError(f"{layer['layer_name']}: no 'sensitivities'", path)
         # KL at the lowest candidate bit-width: the cost of quantizing hardest.
         try:
             lowest = min(int(b) for b in (candidates or sens.keys()))
         except ValueError:
-            raise MetadataError(
-                path, f"{layer['layer_name']}: bit-widths must be integers"
+            raise OptiqError(
+                f"{layer['layer_name']}: bit-widths must be integers", path
             ) from None
         if str(lowest) not in sens:
-            raise MetadataError(path, f"{layer['layer_name']}: no KL at {lowest} bits")
+            raise OptiqError(f"{layer['layer_name']}: no KL at {lowest} bits", path)
         key = layer["layer_name"]
         source.kl[canonical(key)] = _check_kl(path, key, sens[str(lowest)])
     return source
@@ -161,20 +155,16 @@ def read_config_quantization(path: Path) -> Optional[Source]:
     return source if source.bits else None
 
 
-def read_sources(model_dir: Optional[Path], readers=None) -> List[Source]:
+def read_sources(model_dir: Optional[Path], readers) -> List[Source]:
     """What every metadata file present in ``model_dir`` says, in priority order.
 
     Args:
         model_dir: the model directory, or ``None`` when there is none locally.
-        readers: ``{file name: reader}``; default: the registered readers
-          (:func:`mlx_lm_optiq.plugins.metadata_readers`).
+        readers: ``{file name: reader}`` in the order files are tried (the
+          registered readers: :func:`mlx_lm_optiq.plugins.metadata_readers`).
     """
     if model_dir is None:
         return []
-    if readers is None:
-        from .plugins import metadata_readers
-
-        readers = metadata_readers()
     sources = []
     for name, reader in readers.items():
         if (model_dir / name).is_file():

@@ -1,10 +1,15 @@
-"""The hooks mlx-lm calls plugins at: the backport of ``patches/``' ``mlx_lm/plugins.py``.
+"""The backport of ``patches/0002``'s ``mlx_lm/plugins.py``: hookspecs and plugins.
 
-A patched mlx-lm declares these itself (project name ``mlx_lm``, entry-point
-group ``mlx_lm``); with an unpatched mlx-lm, ``mlx_lm_optiq.shim`` provides
-the call sites and :func:`mlx_lm_optiq.plugins.host_plugin_manager` the
-plugin manager. Keep this file identical to the hookspecs in the patch.
+A patched mlx-lm has this module itself as ``mlx_lm.plugins``; with an
+unpatched mlx-lm the shim (:mod:`mlx_lm_optiq.shim`) calls the same hooks on
+the plugin manager below. Everything from ``import`` on is kept identical to
+the file in the patch (a test checks).
 """
+
+import functools
+import importlib.metadata
+import os
+import sys
 
 import pluggy
 
@@ -29,7 +34,8 @@ def mlx_lm_lora_parameters(args, model):
     Called once per training run, before any layer is converted. Return a new
     ``lora_parameters`` dict (``rank``, ``scale``, ``dropout``, optional
     ``keys`` and ``rank_pattern``), or ``None`` to keep ``args.lora_parameters``.
-    Stops at the first non-None result.
+    Stops at the first non-None result. A hook may also point
+    ``args.adapter_path`` somewhere else for the run.
 
     :param args: the ``mlx_lm.lora`` arguments (a namespace).
     :param model: the loaded model, its layers not yet converted.
@@ -60,3 +66,99 @@ def mlx_lm_load_adapters(model, adapter_path):
     :param adapter_path: the adapter directory.
     :returns: the model with the adapter applied, or ``None``.
     """
+
+
+_plugin_manager = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager, with the installed plugins loaded on first use.
+
+    Set ``MLX_LM_NO_PLUGINS=1`` to load none.
+    """
+    global _plugin_manager
+    if _plugin_manager is None:
+        pm = pluggy.PluginManager("mlx_lm")
+        pm.add_hookspecs(sys.modules[__name__])
+        if not os.environ.get("MLX_LM_NO_PLUGINS"):
+            load_plugins(pm, "mlx_lm")
+        _plugin_manager = pm
+    return _plugin_manager
+
+
+def load_plugins(pm, group, label=None, allowed=None):
+    """Register every plugin of the entry-point ``group`` on ``pm``.
+
+    A plugin that fails to import (or exits while importing) is skipped, and
+    one whose hook breaks later is disabled, each with one line on stderr;
+    the command goes on as if it were not installed. A hook stops the command
+    on purpose by raising ``ValueError`` or ``OSError``: those pass through,
+    marked with the plugin's name (``error.mlx_lm_plugin``).
+
+    Args:
+        pm: the plugin manager.
+        group: the entry-point group.
+        label: how the lines on stderr start (default: ``group``).
+        allowed: if given, ``allowed(name)`` says whether to load a plugin.
+    """
+    label = label or group
+    for ep in importlib.metadata.entry_points(group=group):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        if allowed is not None and not allowed(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except (Exception, SystemExit) as e:
+            print(
+                f"{label}: skipped plugin {ep.name!r} ({ep.value}): "
+                f"{type(e).__name__}: {e}",
+                file=sys.stderr,
+            )
+            continue
+        register_guarded(pm, plugin, ep.name, label)
+
+
+class GuardedPlugin:
+    """Stands in for a plugin on the plugin manager, with its hooks guarded."""
+
+    def __init__(self, plugin):
+        self.plugin = plugin
+        self.__name__ = getattr(plugin, "__name__", type(plugin).__name__)
+
+
+def register_guarded(pm, plugin, name, label=None):
+    """Register ``plugin`` under ``name`` so that a broken hook disables it alone."""
+    label = label or pm.project_name
+    guarded = GuardedPlugin(plugin)
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        if opts is None:
+            continue
+        function = getattr(plugin, attr)
+        if not (opts.get("wrapper") or opts.get("hookwrapper")):
+            function = _guard(pm, function, name, label)
+        setattr(guarded, attr, function)
+    pm.register(guarded, name=name)
+
+
+def _guard(pm, function, name, label):
+    @functools.wraps(function)
+    def guarded(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            if getattr(e, "mlx_lm_plugin", None) is None:
+                e.mlx_lm_plugin = name
+            raise
+        except (Exception, SystemExit) as e:
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+                print(
+                    f"{label}: disabled plugin {name!r}: {function.__name__} raised "
+                    f"{type(e).__name__}: {e}",
+                    file=sys.stderr,
+                )
+            return None
+
+    return guarded

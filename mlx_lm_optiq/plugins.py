@@ -1,32 +1,26 @@
-"""Plugin managers: built-ins first, then entry points, each loaded once.
+"""The plugin manager of mlx-lm-optiq's extension points (:mod:`.hookspecs`).
 
-- :func:`get_plugin_manager` serves mlx-lm-optiq's own extension points
-  (:mod:`mlx_lm_optiq.hookspecs`, entry-point group ``mlx_lm_optiq``).
-- :func:`host_plugin_manager` plays the part of a patched mlx-lm's
-  ``mlx_lm.plugins`` for the shim (:mod:`mlx_lm_optiq.mlx_lm_hookspecs`,
-  entry-point group ``mlx_lm``).
-
-``MLX_LM_OPTIQ_PLUGINS=name,name`` limits which entry points load (empty: none).
-A plugin that fails to load is skipped with one line on stderr.
+The built-ins (:data:`DEFAULT_PLUGINS`) come first, then the entry points of
+the ``mlx_lm_optiq`` group, each loaded once and guarded the way mlx-lm's own
+plugins are (:func:`mlx_lm_optiq.mlx_lm_hookspecs.load_plugins`): a plugin
+that fails to import, exits, or breaks in a hook is disabled with one line
+on stderr. ``MLX_LM_OPTIQ_PLUGINS=name,name`` limits which entry points load
+(empty: none).
 """
 
 import functools
-import importlib
-import importlib.metadata
 import os
 import sys
 
 import pluggy
 
-from . import hookspecs, mlx_lm_hookspecs
+from . import builtin, hookspecs
+from .mlx_lm_hookspecs import load_plugins
 
 ENTRY_POINT_GROUP = "mlx_lm_optiq"
-HOST_ENTRY_POINT_GROUP = "mlx_lm"
 PLUGINS_ENV = "MLX_LM_OPTIQ_PLUGINS"
 
-DEFAULT_PLUGINS = ("mlx_lm_optiq.builtin",)
-# Registered under its entry-point name, so loading entry points skips it.
-HOST_PLUGIN = ("optiq", "mlx_lm_optiq.lora_hooks")
+DEFAULT_PLUGINS = (builtin,)
 
 
 def _allowed(name):
@@ -34,37 +28,13 @@ def _allowed(name):
     return names is None or name in {n.strip() for n in names.split(",")}
 
 
-def _load_entry_points(pm, group):
-    for ep in importlib.metadata.entry_points(group=group):
-        if pm.get_plugin(ep.name) is not None or not _allowed(ep.name):
-            continue
-        try:
-            pm.register(ep.load(), name=ep.name)
-        except Exception as e:  # noqa: BLE001 - one bad plugin must not break mlx-lm
-            print(
-                f"mlx-lm-optiq: skipped plugin {ep.name!r} ({ep.value}): "
-                f"{type(e).__name__}: {e}",
-                file=sys.stderr,
-            )
-
-
 @functools.lru_cache(maxsize=None)
 def get_plugin_manager():
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
-    for name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(name), name=name)
-    _load_entry_points(pm, ENTRY_POINT_GROUP)
-    return pm
-
-
-@functools.lru_cache(maxsize=None)
-def host_plugin_manager():
-    pm = pluggy.PluginManager(HOST_ENTRY_POINT_GROUP)
-    pm.add_hookspecs(mlx_lm_hookspecs)
-    name, module = HOST_PLUGIN
-    pm.register(importlib.import_module(module), name=name)
-    _load_entry_points(pm, HOST_ENTRY_POINT_GROUP)
+    for plugin in DEFAULT_PLUGINS:
+        pm.register(plugin, name=plugin.__name__)
+    load_plugins(pm, ENTRY_POINT_GROUP, label="mlx-lm-optiq", allowed=_allowed)
     return pm
 
 

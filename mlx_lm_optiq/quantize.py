@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 from ._cli import run_command
-from .adapter_write import atomic_write_dir, atomic_write_json
-from .metadata import OPTIQ_METADATA, SENSITIVITY, MetadataError, read_sensitivity
+from .atomic import atomic_write_dir, atomic_write_json
+from .errors import OptiqError
+from .metadata import OPTIQ_METADATA, SENSITIVITY, read_sensitivity
 
 
 def storage_bits(bits, group_size):
@@ -51,7 +52,7 @@ def choose_bits(modules, candidates, group_size, target_bpw):
     spent = sum(cost(p, b) for p, b in chosen.items())
     budget = target_bpw * total
     if spent > budget:
-        raise ValueError(
+        raise OptiqError(
             f"--target-bpw {target_bpw} is below the {spent / total:.3f} bits per weight "
             f"of quantizing everything at {candidates[0]} bits (group size {group_size})"
         )
@@ -86,9 +87,10 @@ def _sensitivity_modules(source_path, candidates):
         if str(b) not in {k for l in doc["layers"] for k in l["sensitivities"]}
     ]
     if missing:
-        raise MetadataError(
+        raise OptiqError(
+            f"no KL measured at {missing} bits; rerun sensitivity with "
+            f"--bits {','.join(map(str, candidates))}",
             source_path,
-            f"no KL measured at {missing} bits; rerun sensitivity with --bits {','.join(map(str, candidates))}",
         )
     return {
         layer["layer_name"]: (
@@ -111,35 +113,37 @@ def quantize(args):
         Path(args.sensitivity) if args.sensitivity else model_path / SENSITIVITY
     )
     if not sensitivity.is_file():
-        raise FileNotFoundError(
-            f"{sensitivity}: no sensitivity file; measure it first with "
-            f"python -m mlx_lm_optiq.sensitivity {model_path} --data DIR"
+        raise OptiqError(
+            "no sensitivity file; measure it first with "
+            f"python -m mlx_lm_optiq.sensitivity {model_path} --data DIR",
+            sensitivity,
         )
     modules = _sensitivity_modules(sensitivity, args.bits)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):  # before the slow part
-        raise FileExistsError(
-            f"{out} exists and is not empty; remove it or pick another path"
-        )
+        raise OptiqError("exists and is not empty; remove it or pick another path", out)
 
     model, tokenizer, config = mlx_lm.load(str(model_path), return_config=True)
     if "quantization" in config:
-        raise ValueError(
-            f"{model_path} is already quantized; quantize needs a float model "
-            "(mlx_lm.convert --dequantize gives one)"
+        raise OptiqError(
+            "is already quantized; quantize needs a float model "
+            "(mlx_lm.convert --dequantize gives one)",
+            model_path,
         )
     linears = dict(block_linears(model))
     unknown = sorted(set(modules) - set(linears))
     if unknown:
-        raise MetadataError(
+        raise OptiqError(
+            f"{len(unknown)} layer names are not linear modules of {model_path} "
+            f"(e.g. {unknown[0]})",
             sensitivity,
-            f"{len(unknown)} layer names are not linear modules of {model_path} (e.g. {unknown[0]})",
         )
     uncovered = sorted(set(linears) - set(modules))
     if uncovered:
-        raise MetadataError(
+        raise OptiqError(
+            f"no entry for {len(uncovered)} modules (e.g. {uncovered[0]}); was it "
+            "measured on this model?",
             sensitivity,
-            f"no entry for {len(uncovered)} modules (e.g. {uncovered[0]}); was it measured on this model?",
         )
 
     chosen, achieved = choose_bits(modules, args.bits, args.group_size, args.target_bpw)

@@ -11,30 +11,39 @@ Policies (base rank ``r``, floor :data:`MIN_RANK`):
 parameter count is as close as possible to, and never above, ``constant``'s.
 """
 
+import inspect
 import math
 import statistics
+import warnings
 from collections import Counter
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping
+
+from .errors import OptiqError
+from .hookspecs import RankContext
 
 MIN_RANK = 2
 
 
-class RankPolicyError(ValueError):
-    pass
+def check_base_rank(rank):
+    """The base LoRA rank, if it is a positive integer."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise OptiqError(f"the LoRA rank must be a positive integer, got {rank!r}")
+    return rank
 
 
 def _floor(rank):
     return max(MIN_RANK, int(rank))
 
 
-def constant(base_rank, facts, report=print):
-    return {path: base_rank for path in facts}
+def constant(context):
+    return {path: context.base_rank for path in context.facts}
 
 
-def by_bits(base_rank, facts, report=print):
+def by_bits(context):
+    base_rank, facts = context.base_rank, context.facts
     unknown = [p for p, f in facts.items() if f.bits is None]
     if len(unknown) == len(facts):
-        raise RankPolicyError(
+        raise OptiqError(
             "--rank-scaling by_bits needs quantization information, and this model "
             "has none: no module is quantized and there is no optiq/metadata.json, "
             "optiq_metadata.json or per-module config.json quantization. Use "
@@ -46,14 +55,15 @@ def by_bits(base_rank, facts, report=print):
     }
 
 
-def by_kl(base_rank, facts, report=print):
+def by_kl(context):
+    base_rank, facts, report = context.base_rank, context.facts, context.report
     kls = [f.kl for f in facts.values() if f.kl is not None]
     if not kls:
         report(
             "note: no KL sensitivity for the adapted modules (no optiq/sensitivity.json); "
             "by_kl falls back to by_bits"
         )
-        return by_bits(base_rank, facts, report)
+        return by_bits(context)
     missing = len(facts) - len(kls)
     if missing:
         report(
@@ -82,6 +92,11 @@ def parameter_count(ranks: Mapping[str, int], units: Mapping[str, int]) -> int:
     return sum(ranks[p] * units[p] for p in ranks)
 
 
+def constant_parameters(units: Mapping[str, int], base_rank: int) -> int:
+    """Adapter parameters of constant rank ``base_rank`` on every module of ``units``."""
+    return parameter_count(dict.fromkeys(units, base_rank), units)
+
+
 def match_budget(ranks, units, base_rank):
     """Rescale ``ranks`` to spend at most what ``constant`` would.
 
@@ -89,9 +104,9 @@ def match_budget(ranks, units, base_rank):
     fits the budget, then hands out single rank steps, largest remainder first,
     while they still fit: what is left unspent is less than one module's step.
     """
-    budget = base_rank * sum(units[p] for p in ranks)
-    if MIN_RANK * sum(units[p] for p in ranks) > budget:
-        raise RankPolicyError(
+    budget = constant_parameters(units, base_rank)
+    if constant_parameters(units, MIN_RANK) > budget:
+        raise OptiqError(
             f"--rank-budget match: a base rank of {base_rank} is below the minimum "
             f"rank {MIN_RANK}"
         )
@@ -122,6 +137,53 @@ def match_budget(ranks, units, base_rank):
     return result
 
 
+def call_policy(name, policy, context):
+    """``policy(context)``, checked.
+
+    A policy of the old form ``policy(base_rank, facts, report)`` is called
+    that way, with a warning; a policy that breaks (raises anything but
+    :class:`OptiqError`) or hands back no rank for some module stops the run
+    with its name.
+    """
+    try:
+        parameters = inspect.signature(policy).parameters.values()
+    except (TypeError, ValueError):
+        parameters = ()
+    required = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.default is p.empty
+    ]
+    try:
+        if len(required) < 2:
+            ranks = policy(context)
+        else:
+            warnings.warn(
+                f"rank policy {name!r} takes (base_rank, facts, report); take one "
+                "RankContext instead (mlx_lm_optiq.hookspecs): the old form goes "
+                "in 0.3",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            ranks = policy(context.base_rank, context.facts, context.report)
+    except OptiqError:
+        raise
+    except Exception as e:
+        raise OptiqError(f"rank policy {name!r} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(ranks, dict) or set(ranks) != set(context.facts):
+        raise OptiqError(
+            f"rank policy {name!r} must return a rank for each adapted module"
+        )
+    for path, rank in ranks.items():
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise OptiqError(
+                f"rank policy {name!r} gave {path} the rank {rank!r}; ranks are "
+                "positive integers"
+            )
+    return ranks
+
+
 def assign(policy, base_rank, facts, units, budget="free", report=print, policies=None):
     """Ranks for every adapted module.
 
@@ -139,19 +201,23 @@ def assign(policy, base_rank, facts, units, budget="free", report=print, policie
         ``{module path: rank}`` in the modules' order.
     """
     policies = POLICIES if policies is None else policies
-    if not isinstance(base_rank, int) or isinstance(base_rank, bool) or base_rank <= 0:
-        raise RankPolicyError(
-            f"the LoRA rank must be a positive integer, got {base_rank!r}"
-        )
+    check_base_rank(base_rank)
     if policy not in policies:
-        raise RankPolicyError(
+        raise OptiqError(
             f"unknown rank scaling {policy!r}; choose one of {', '.join(policies)}"
         )
-    ranks = policies[policy](base_rank, facts, report)
+    if budget not in ("free", "match"):
+        raise OptiqError(f"unknown rank budget {budget!r}; choose free or match")
+    context = RankContext(
+        base_rank=base_rank,
+        facts=facts,
+        units=units,
+        budget=constant_parameters(units, base_rank) if budget == "match" else None,
+        report=report,
+    )
+    ranks = call_policy(policy, policies[policy], context)
     if budget == "match":
         ranks = match_budget(ranks, units, base_rank)
-    elif budget != "free":
-        raise RankPolicyError(f"unknown rank budget {budget!r}; choose free or match")
     return ranks
 
 
@@ -160,10 +226,10 @@ def distribution(ranks: Mapping[str, int]) -> Dict[int, int]:
     return dict(sorted(Counter(ranks.values()).items()))
 
 
-def describe(ranks, units, base_rank, scaling: Optional[str] = None) -> str:
+def describe(ranks, units, base_rank) -> str:
     """The lines printed before training and by ``mlx_lm_optiq.info``."""
     trainable = parameter_count(ranks, units)
-    constant_count = base_rank * sum(units.values())
+    constant_count = constant_parameters(units, base_rank)
     ratio = trainable / constant_count if constant_count else 0.0
     return (
         f"rank distribution: {distribution(ranks)} across {len(ranks)} adapted modules\n"

@@ -22,7 +22,8 @@ from mlx.utils import tree_unflatten
 
 from . import __version__
 from ._cli import run_command
-from .adapter_write import atomic_write_json
+from .atomic import atomic_write_json
+from .errors import OptiqError
 from .metadata import SENSITIVITY
 
 METRIC = "kl_divergence_vs_reference"
@@ -92,6 +93,32 @@ def mean_kl(model, batches, reference):
     return max(total / count, 0.0)
 
 
+def token_sequences(tokenizer, data_dir, count, max_length):
+    """The first ``count`` rows of ``train.jsonl`` (else ``valid.jsonl``) as
+    token lists, through mlx-lm's own dataset classes (text, chat, completions)."""
+    import types
+
+    from mlx_lm.tuner.datasets import create_dataset
+
+    for name in ("train.jsonl", "valid.jsonl"):
+        path = Path(data_dir) / name
+        if path.is_file():
+            break
+    else:
+        raise OptiqError("no train.jsonl or valid.jsonl", data_dir)
+    with open(path) as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(count)) if line.strip()]
+    if not rows:
+        raise OptiqError("no rows", path)
+    dataset = create_dataset(rows, tokenizer, types.SimpleNamespace())
+    sequences = []
+    for i in range(len(dataset)):
+        tokens = dataset.process(dataset[i])
+        tokens = tokens[0] if isinstance(tokens, tuple) else tokens
+        sequences.append(list(tokens)[:max_length])
+    return sequences
+
+
 def settings_of(args, sequences, model_path):
     fingerprint = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()[:16]
     return {
@@ -111,9 +138,10 @@ def _resume(out, settings):
     previous = {k: doc.get(k) for k in settings}
     if previous != settings:
         changed = [k for k in settings if previous[k] != settings[k]]
-        raise SystemExit(
-            f"error: {out} was measured with other settings ({', '.join(changed)}); "
-            "pass -o to write elsewhere, or --restart to measure again"
+        raise OptiqError(
+            f"was measured with other settings ({', '.join(changed)}); "
+            "pass -o to write elsewhere, or --restart to measure again",
+            out,
         )
     return {layer["layer_name"]: layer for layer in doc.get("layers", [])}
 
@@ -121,8 +149,6 @@ def _resume(out, settings):
 def measure(args):
     import mlx_lm
     from tqdm import tqdm
-
-    from .shim import token_sequences
 
     model_path = Path(args.model)
     out = Path(args.output) if args.output else model_path / SENSITIVITY

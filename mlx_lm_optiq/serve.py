@@ -15,12 +15,16 @@ goes on serving.
 """
 
 import argparse
+import json
+import logging
 import re
 import sys
 import threading
-from collections import Counter
 
-from .export import load_modules
+from . import lora_layers
+from .adapter_read import check_modules_fit, load_modules
+from .errors import OptiqError
+from .ranks import distribution
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -40,23 +44,12 @@ class AdapterRegistry:
         self._active = None
 
     def _check(self, name, path, modules):
-        if self._dims is None:
-            return
-        for module, (a, b, _) in modules.items():
-            if module not in self._dims:
-                raise ValueError(
-                    f"{path}: {module} is not a linear layer of the served model"
-                )
-            in_dims, out_dims = self._dims[module]
-            if a.shape[0] != in_dims or b.shape[1] != out_dims:
-                raise ValueError(
-                    f"{path}: {module} adapts a {a.shape[0]}->{b.shape[1]} layer, the "
-                    f"served model's is {in_dims}->{out_dims}; is it for another base model?"
-                )
+        if self._dims is not None:
+            check_modules_fit(path, modules, self._dims)
 
     def add(self, name, path):
         if not isinstance(name, str) or not NAME.match(name):
-            raise ValueError(
+            raise OptiqError(
                 f"adapter name {name!r}: use letters, digits, '.', '_' or '-'"
             )
         import mlx.core as mx
@@ -67,7 +60,7 @@ class AdapterRegistry:
         mx.eval([t for a, b, _ in modules.values() for t in (a, b)])
         with self._lock:
             if name in self._adapters:
-                raise ValueError(f"an adapter named {name!r} is already loaded")
+                raise OptiqError(f"an adapter named {name!r} is already loaded")
             self._check(name, path, modules)
             self._adapters[name] = {"path": str(path), "modules": modules}
             return self._describe(name)
@@ -84,13 +77,13 @@ class AdapterRegistry:
 
     def _describe(self, name):
         modules = self._adapters[name]["modules"]
-        ranks = Counter(a.shape[1] for a, _, _ in modules.values())
+        ranks = distribution({p: a.shape[1] for p, (a, _, _) in modules.items()})
         return {
             "id": name,
             "object": "adapter",
             "path": self._adapters[name]["path"],
             "modules": len(modules),
-            "rank_distribution": {str(r): n for r, n in sorted(ranks.items())},
+            "rank_distribution": {str(r): n for r, n in ranks.items()},
         }
 
     def describe(self):
@@ -99,14 +92,12 @@ class AdapterRegistry:
 
     def attach(self, model):
         """A (new) base model is loaded: drop, loudly, adapters that don't fit it."""
-        from .shim import linear_dims
-
         with self._lock:
-            self._dims = linear_dims(model)
+            self._dims = lora_layers.model_linear_dims(model)
             for name, entry in list(self._adapters.items()):
                 try:
                     self._check(name, entry["path"], entry["modules"])
-                except ValueError as e:
+                except OptiqError as e:
                     print(
                         f"mlx-lm-optiq: adapter {name!r} unloaded: {e}", file=sys.stderr
                     )
@@ -116,26 +107,111 @@ class AdapterRegistry:
 
     def activate(self, model, name):
         """Swap ``name``'s LoRA layers in (``None``: the base model)."""
-        from mlx.utils import tree_unflatten
-
-        from .shim import lora_layers
-
         if name == self._active:
             return
         if name is not None and name not in self._adapters:
-            raise ValueError(f"unknown adapter {name!r}")
+            raise OptiqError(f"unknown adapter {name!r}")
         if self._active is not None:
             # back to the shared base layers (also for an adapter removed meanwhile)
             base = [(path, layer.linear) for path, layer in self._layers[self._active]]
-            model.update_modules(tree_unflatten(base))
+            lora_layers.swap_in(model, base)
             if self._active not in self._adapters:
                 del self._layers[self._active]
             self._active = None
         if name is not None:
             if name not in self._layers:
-                self._layers[name] = lora_layers(model, self._adapters[name]["modules"])
-            model.update_modules(tree_unflatten(self._layers[name]))
+                modules = self._adapters[name]["modules"]
+                self._layers[name] = lora_layers.lora_layers(model, modules)
+            lora_layers.swap_in(model, self._layers[name])
             self._active = name
+
+
+def serve(argv, registry):
+    """Run mlx-lm's server with ``registry``'s adapters resident on one base.
+
+    Each request picks an adapter by name in its ``adapter`` field (mlx-lm's
+    ``adapters`` works too); the model provider swaps LoRA layers in place of
+    reloading the model, and because the adapter name is part of mlx-lm's
+    model key, its batches and prompt cache are kept per adapter.
+    """
+    import mlx_lm.server as server
+
+    class AdapterProvider(server.ModelProvider):
+        def __init__(self, cli_args):
+            super().__init__(cli_args)
+            # The request's adapter name passes through as the adapter "path".
+            self._adapter_map = {}
+
+        def _load(self, model_path, adapter_path=None, draft_model_path=None):
+            if self.model is None or self.model_key[::2] != (
+                model_path,
+                draft_model_path,
+            ):
+                super()._load(model_path, None, draft_model_path)
+                registry.attach(self.model)
+            registry.activate(self.model, adapter_path)
+            self.model_key = (model_path, adapter_path, draft_model_path)
+
+    class AdapterHandler(server.APIHandler):
+        def validate_model_parameters(self):
+            super().validate_model_parameters()
+            name = self.body.get("adapter", self.body.get("adapters"))
+            if name is not None and not registry.has(name):
+                known = ", ".join(registry.names()) or "none"
+                # mlx-lm's server answers a ValueError here with a 400
+                raise ValueError(f"unknown adapter {name!r}; known adapters: {known}")
+            self.adapter = name
+
+        def _reply(self, status, doc):
+            self._set_completion_headers(status)
+            self.end_headers()
+            self.wfile.write(json.dumps(doc).encode())
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/adapters":
+                return self._reply(200, {"object": "list", "data": registry.describe()})
+            return super().do_GET()
+
+        def do_POST(self):
+            if self.path.rstrip("/") != "/v1/adapters":
+                return super().do_POST()
+            try:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                entry = registry.add(body["name"], body["path"])
+            except (KeyError, TypeError):
+                return self._reply(
+                    400, {"error": 'expected {"name": ..., "path": ...}'}
+                )
+            except (ValueError, OSError) as e:
+                return self._reply(400, {"error": str(e)})
+            return self._reply(201, entry)
+
+        def do_DELETE(self):
+            prefix = "/v1/adapters/"
+            if not self.path.startswith(prefix):
+                return self._reply(404, {"error": "Not Found"})
+            name = self.path[len(prefix) :]
+            if not registry.remove(name):
+                return self._reply(404, {"error": f"unknown adapter {name!r}"})
+            return self._reply(200, {"deleted": name})
+
+    saved_run, saved_provider = server.run, server.ModelProvider
+
+    def run(host, port, model_provider):
+        prompt_cache = server.LRUPromptCache(model_provider.cli_args.prompt_cache_size)
+        generator = server.ResponseGenerator(model_provider, prompt_cache)
+        logging.info("adapters: %s", ", ".join(registry.names()) or "none")
+        server._run_http_server(host, port, generator, handler_class=AdapterHandler)
+
+    server.run, server.ModelProvider = run, AdapterProvider
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0], *argv]
+    try:
+        server.main()
+    finally:
+        server.run, server.ModelProvider = saved_run, saved_provider
+        sys.argv = saved_argv
 
 
 def _adapter_arg(text):
@@ -175,11 +251,9 @@ def main(argv=None):
     for name, path in args.adapter:
         try:
             registry.add(name, path)
-        except (ValueError, OSError) as e:
+        except (OptiqError, OSError) as e:
             print(f"error: --adapter {name}={path}: {e}", file=sys.stderr)
             return 1
-    from .shim import serve
-
     serve(rest, registry)
     return 0
 

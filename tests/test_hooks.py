@@ -152,7 +152,7 @@ def test_third_party_metadata_reader_comes_after_builtins(tmp_path):
             "config.json",
             "quant_map.json",
         ]
-        sources = metadata.read_sources(tmp_path)
+        sources = metadata.read_sources(tmp_path, plugins.metadata_readers())
         assert [s.name for s in sources] == ["config.json", "quant_map.json"]
         facts = metadata.module_facts(
             [("model.layers.0.mlp.up_proj", None)],
@@ -199,7 +199,7 @@ def test_optiq_adapter_saved_runs_after_the_builtins_wrote(tmp_path, trained_run
 @pytest.fixture
 def trained_run(tmp_path, by_bits_adapter):
     """A Run rebuilt from a trained adapter, and a copy of its weights."""
-    from mlx_lm_optiq.lora_hooks import Run
+    from mlx_lm_optiq.hookspecs import Run
     from mlx_lm_optiq.metadata import ModuleFacts
 
     sidecar = json.loads((by_bits_adapter / "optiq_lora_config.json").read_text())
@@ -223,9 +223,30 @@ def test_mlx_lm_hooks_are_what_the_shim_calls():
     """mlx_lm_lora_add_arguments, mlx_lm_lora_parameters,
     mlx_lm_lora_adapter_saved and mlx_lm_load_adapters: our implementations
     are registered on the host plugin manager under the entry-point name."""
-    pm = plugins.host_plugin_manager()
+    pm = mlx_lm_hookspecs.get_plugin_manager()
     assert pm.get_plugin("optiq").__name__ == "mlx_lm_optiq.lora_hooks"
     for name in ("mlx_lm_lora_add_arguments", "mlx_lm_lora_parameters",
                  "mlx_lm_lora_adapter_saved", "mlx_lm_load_adapters"):  # fmt: skip
         impls = getattr(pm.hook, name).get_hookimpls()
         assert [i.plugin_name for i in impls] == ["optiq"]
+
+
+def test_old_policy_signature_still_works_with_a_deprecation_warning():
+    from mlx_lm_optiq.ranks import assign
+
+    def old_style(base_rank, facts, report):
+        report("old style")
+        return {p: base_rank * 2 for p in facts}
+
+    def new_style(context):
+        context.report("new style")
+        return {p: context.base_rank * 2 for p in context.facts}
+
+    facts = {"a": metadata.ModuleFacts(4, "test"), "b": metadata.ModuleFacts(8, "t")}
+    said = []
+    policies = {"old": old_style, "new": new_style}
+    with pytest.warns(DeprecationWarning, match="'old' takes .* RankContext"):
+        old = assign("old", 4, facts, {"a": 1, "b": 1}, "free", said.append, policies)
+    new = assign("new", 4, facts, {"a": 1, "b": 1}, "free", said.append, policies)
+    assert old == new == {"a": 8, "b": 8}
+    assert said == ["old style", "new style"]

@@ -4,13 +4,16 @@ import json
 
 import pytest
 
+from mlx_lm_optiq.errors import OptiqError
 from mlx_lm_optiq.metadata import (
     LIVE_MODEL,
-    MetadataError,
     canonical,
     module_facts,
     read_sources,
 )
+from mlx_lm_optiq.plugins import metadata_readers
+
+READERS = metadata_readers()
 
 TARGETS = [
     ("model.layers.1.self_attn.q_proj", 4),
@@ -44,7 +47,7 @@ def test_canonical_ignores_wrapper_prefixes(key):
 
 
 def test_live_model_bits_when_no_file(tmp_path):
-    facts = module_facts(TARGETS, ALL, read_sources(tmp_path))
+    facts = module_facts(TARGETS, ALL, read_sources(tmp_path, READERS))
     assert {p: (f.bits, f.bits_source) for p, f in facts.items()} == {
         p: (b, LIVE_MODEL) for p, b in TARGETS
     }
@@ -91,7 +94,9 @@ def test_optiq_metadata_wins_over_config(tmp_path, layout):
         },
     )
     said = []
-    facts = module_facts(TARGETS, ALL, read_sources(tmp_path), report=said.append)
+    facts = module_facts(
+        TARGETS, ALL, read_sources(tmp_path, READERS), report=said.append
+    )
     q = facts["model.layers.1.self_attn.q_proj"]
     assert (q.bits, q.bits_source) == (8, name)
     assert facts["model.layers.1.mlp.down_proj"].bits == 16
@@ -113,7 +118,9 @@ def test_config_json_per_module_entries(tmp_path):
             }
         },
     )
-    facts = module_facts([(p, None) for p, _ in TARGETS], ALL, read_sources(tmp_path))
+    facts = module_facts(
+        [(p, None) for p, _ in TARGETS], ALL, read_sources(tmp_path, READERS)
+    )
     assert facts["model.layers.1.self_attn.v_proj"].bits == 8
     assert facts["model.layers.1.self_attn.v_proj"].bits_source == "config.json"
     assert facts["model.layers.1.mlp.down_proj"].bits == 16
@@ -142,7 +149,9 @@ def test_sensitivity_json_uses_lowest_candidate_bits(tmp_path):
         },
     )
     said = []
-    facts = module_facts(TARGETS, ALL, read_sources(tmp_path), report=said.append)
+    facts = module_facts(
+        TARGETS, ALL, read_sources(tmp_path, READERS), report=said.append
+    )
     assert facts["model.layers.1.self_attn.q_proj"].kl == 0.3
     assert facts["model.layers.1.self_attn.v_proj"].kl is None
     assert any("1 entries match no module" in s and "layers.9" in s for s in said)
@@ -160,7 +169,7 @@ def test_keys_for_modules_that_exist_but_are_not_adapted_are_not_warned(tmp_path
         },
     )
     said = []
-    module_facts(TARGETS, ALL, read_sources(tmp_path), report=said.append)
+    module_facts(TARGETS, ALL, read_sources(tmp_path, READERS), report=said.append)
     assert not [s for s in said if "warning" in s]
 
 
@@ -202,6 +211,6 @@ def test_keys_for_modules_that_exist_but_are_not_adapted_are_not_warned(tmp_path
 )
 def test_bad_metadata_names_file_and_problem(tmp_path, name, content, problem):
     write(tmp_path / name, content)
-    with pytest.raises(MetadataError, match=problem) as e:
-        read_sources(tmp_path)
+    with pytest.raises(OptiqError, match=problem) as e:
+        read_sources(tmp_path, READERS)
     assert name in str(e.value)

@@ -296,7 +296,7 @@ def test_adapter_for_another_base_is_refused_before_any_change(
     _peft_adapter(hf_dir, tmp_path / "a", r=4, target_modules=["q_proj"])
     wider = tiny_model.build_model(models / "llama-wide", hidden=128, intermediate=256)
     model, _ = mlx_lm.load(str(wider))
-    from mlx_lm_optiq.shim import load_peft_adapter
+    from mlx_lm_optiq.lora_hooks import load_peft_adapter
 
     with pytest.raises(
         ValueError, match="adapts a 128->128 layer .* another base model"

@@ -2,10 +2,10 @@
 
 import pytest
 
+from mlx_lm_optiq.errors import OptiqError
 from mlx_lm_optiq.metadata import ModuleFacts
 from mlx_lm_optiq.ranks import (
     MIN_RANK,
-    RankPolicyError,
     assign,
     describe,
     distribution,
@@ -44,7 +44,7 @@ def test_by_bits_is_ceil_r_bits_over_4_with_floor(bits, base, rank):
 
 
 def test_by_bits_without_any_bits_explains():
-    with pytest.raises(RankPolicyError, match="needs quantization information"):
+    with pytest.raises(OptiqError, match="needs quantization information"):
         assign("by_bits", 8, facts(a=(None, None)), {"a": 1})
 
 
@@ -69,10 +69,10 @@ def test_by_kl_falls_back_to_by_bits_and_says_so():
 
 
 def test_unknown_policy_and_bad_base_rank():
-    with pytest.raises(RankPolicyError, match="choose one of constant, by_bits, by_kl"):
+    with pytest.raises(OptiqError, match="choose one of constant, by_bits, by_kl"):
         assign("by_depth", 8, facts(a=(4, None)), {"a": 1})
     for bad in (0, -2, 2.5, True):
-        with pytest.raises(RankPolicyError, match="positive integer"):
+        with pytest.raises(OptiqError, match="positive integer"):
             assign("constant", bad, facts(a=(4, None)), {"a": 1})
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import BIN, TRAIN_ARGS, lora, run
 
 from mlx_lm_optiq.adapter_read import mlx_ranks, read_safetensors_header
-from mlx_lm_optiq.adapter_write import atomic_write, atomic_write_json
+from mlx_lm_optiq.atomic import atomic_write, atomic_write_json
 
 
 def snapshot(directory):
@@ -325,3 +325,47 @@ def test_distributed_training_two_processes(tmp_path, mixed_model, data_dir):
         == per_process[0]["ranks"]
     )
     mlx_lm.load(str(mixed_model), adapter_path=str(out))
+
+
+def _in_process_args(model, data, adapter, **overrides):
+    import types
+
+    import mlx_lm.lora
+
+    config = dict(mlx_lm.lora.CONFIG_DEFAULTS)
+    config.update(
+        model=str(model), data=str(data), adapter_path=str(adapter), train=True,
+        iters=2, batch_size=2, val_batches=1, steps_per_eval=100, num_layers=2,
+        rank_scaling="by_kl", rank=None, rank_budget=None,
+    )  # fmt: skip
+    config.update(overrides)
+    return types.SimpleNamespace(**config)
+
+
+def test_train_model_in_process_raises_and_the_caller_goes_on(
+    model_copy, data_dir, tmp_path
+):
+    """A notebook, a benchmark or a server calling mlx-lm's train_model gets
+    the exception, not an exit, and can train again in the same process."""
+    import mlx_lm.lora
+    from mlx_lm.tuner.datasets import load_dataset
+
+    from mlx_lm_optiq.errors import OptiqError
+
+    (model_copy / "optiq").mkdir()
+    bad = model_copy / "optiq" / "metadata.json"
+    bad.write_text('{"per_layer": {"model.layers.3.mlp.up_proj": {"bits": 7}}}')
+    model, tokenizer = mlx_lm.load(str(model_copy))
+    args = _in_process_args(model_copy, data_dir, tmp_path / "a")
+    train, valid, _ = load_dataset(args, tokenizer)
+    with pytest.raises(OptiqError, match="bits must be one of") as e:
+        mlx_lm.lora.train_model(args, model, train, valid)
+    assert e.value.path == bad
+    assert not (tmp_path / "a").exists()
+
+    bad.unlink()
+    model, _ = mlx_lm.load(str(model_copy))
+    args = _in_process_args(model_copy, data_dir, tmp_path / "b")
+    mlx_lm.lora.train_model(args, model, train, valid)
+    ranks = mlx_ranks(read_safetensors_header(tmp_path / "b" / "adapters.safetensors"))
+    assert sorted(set(ranks.values())) == [8, 16]  # by_kl fell back to by_bits

@@ -47,12 +47,12 @@ def test_uninstall_restores_and_install_is_idempotent():
 
 
 def test_hooks_pass_through_when_nothing_is_asked():
-    from mlx_lm_optiq.plugins import host_plugin_manager
+    from mlx_lm_optiq.mlx_lm_hookspecs import get_plugin_manager
 
     args = mlx_lm.lora.build_parser().parse_args(["--model", "m"])
     assert args.rank_scaling is None and args.rank is None
     args.resume_adapter_file = None
-    hook = host_plugin_manager().hook
+    hook = get_plugin_manager().hook
     assert hook.mlx_lm_lora_parameters(args=args, model=None) is None
 
 

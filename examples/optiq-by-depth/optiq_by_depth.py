@@ -14,8 +14,14 @@ from mlx_lm_optiq.hookspecs import hookimpl
 LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-def by_depth(base_rank, facts, report):
-    """``ceil(r * (0.5 + 1.5 * depth))``, depth from 0 (first adapted layer) to 1."""
+def by_depth(context):
+    """``ceil(r * (0.5 + 1.5 * depth))``, depth from 0 (first adapted layer) to 1.
+
+    Args:
+        context: a ``mlx_lm_optiq.hookspecs.RankContext`` (base rank, facts
+          and rank units of every adapted module, budget, report).
+    """
+    base_rank, facts = context.base_rank, context.facts
     layers = {p: int(m.group(1)) for p in facts if (m := LAYER.search(p))}
     first, last = min(layers.values()), max(layers.values())
 

@@ -1,0 +1,225 @@
+"""The backport of ``patches/`` into an unpatched mlx-lm; the only code that patches it.
+
+- patch 0001: ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``;
+- patch 0002: the plugin hook call sites. ``mlx_lm.lora`` calls
+  ``mlx_lm_lora_add_arguments`` when it builds its parser,
+  ``mlx_lm_lora_parameters`` before converting layers and
+  ``mlx_lm_lora_adapter_saved`` after training; ``load_adapters`` calls
+  ``mlx_lm_load_adapters`` first; ``main`` reports an error a plugin raised on
+  purpose as one line. The hooks run on
+  :func:`mlx_lm_optiq.mlx_lm_hookspecs.get_plugin_manager`.
+
+Each patch is a small named function that wraps one name where mlx-lm looks it
+up, is idempotent, is undone by :func:`uninstall`, and passes straight through
+when nothing is asked of it. With a patched mlx-lm none of it runs. It imports
+mlx-lm, pluggy and the mlx-lm hookspecs, nothing else of this package.
+"""
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+from .mlx_lm_hookspecs import get_plugin_manager
+
+# The mlx-lm releases whose internals this module knows. Newer minor releases
+# are refused until they are checked.
+SUPPORTED_MLX_LM = ((0, 32, 2), (0, 33, 0))
+
+_patched = {}  # (module name, attribute) -> original
+_lock = threading.RLock()  # guards every swap of mlx-lm module attributes
+
+
+class UnsupportedMlxLm(RuntimeError):
+    pass
+
+
+def _check_version():
+    import mlx_lm
+
+    version = getattr(mlx_lm, "__version__", "0")
+    parsed = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    low, high = SUPPORTED_MLX_LM
+    if not (low <= parsed < high):
+        ours = importlib.metadata.version("mlx-lm-optiq")
+        raise UnsupportedMlxLm(
+            f"mlx-lm {version} is not supported by mlx-lm-optiq {ours} "
+            f"(needs >={'.'.join(map(str, low))},<{'.'.join(map(str, high))})"
+        )
+
+
+def upstream_has_hooks():
+    """True for an mlx-lm that carries the ``patches/`` call sites itself."""
+    return importlib.util.find_spec("mlx_lm.plugins") is not None
+
+
+def on_import(module):
+    """Post-import hook: patch ``module`` (``mlx_lm.tuner.utils`` or ``mlx_lm.lora``)."""
+    if upstream_has_hooks():
+        return
+    _check_version()
+    # Load the plugins now, so a broken or missing dependency fails open here
+    # instead of in the middle of a command.
+    get_plugin_manager()
+    if module.__name__ == "mlx_lm.tuner.utils":
+        _wrap(module, "linear_to_lora_layers", _linear_to_lora_layers)
+        _wrap(module, "load_adapters", _load_adapters)
+    elif module.__name__ == "mlx_lm.lora":
+        tuner_utils = sys.modules["mlx_lm.tuner.utils"]
+        for name in ("linear_to_lora_layers", "load_adapters"):
+            _rebind(module, name, tuner_utils)
+        _rebind(sys.modules["mlx_lm.tuner"], "linear_to_lora_layers", tuner_utils)
+        _wrap(module, "build_parser", _build_parser)
+        _wrap(module, "train_model", _train_model)
+        _wrap(module, "main", _main)
+
+
+def uninstall():
+    """Restore every wrapped function; safe to call more than once."""
+    with _lock:
+        for (module_name, attr), original in list(_patched.items()):
+            module = sys.modules.get(module_name)
+            if module is not None:
+                setattr(module, attr, original)
+            del _patched[(module_name, attr)]
+
+
+def _wrap(module, attr, wrapper_fn):
+    """Replace ``module.attr`` by ``wrapper_fn`` bound to the original, once."""
+    with _lock:
+        current = getattr(module, attr, None)
+        if current is None:
+            raise UnsupportedMlxLm(f"{module.__name__}.{attr} not found")
+        if hasattr(current, "__optiq_original__"):
+            return
+        wrapper = functools.wraps(current)(functools.partial(wrapper_fn, current))
+        wrapper.__optiq_original__ = current
+        _patched[(module.__name__, attr)] = current
+        setattr(module, attr, wrapper)
+
+
+def _rebind(module, attr, source):
+    """Point a name imported by value (``from .tuner.utils import load_adapters``)
+    at the wrapper that ``source`` now holds."""
+    with _lock:
+        current = getattr(module, attr, None)
+        wrapper = getattr(source, attr)
+        if current is None or not hasattr(wrapper, "__optiq_original__"):
+            raise UnsupportedMlxLm(f"{module.__name__}.{attr} can't be patched")
+        _patched[(module.__name__, attr)] = getattr(
+            current, "__optiq_original__", current
+        )
+        setattr(module, attr, wrapper)
+
+
+def _hook():
+    return get_plugin_manager().hook
+
+
+# -- Patch 0001: rank_pattern in linear_to_lora_layers ------------------------
+
+
+class _RankedFactory:
+    """Stands in for a LoRA layer class inside ``linear_to_lora_layers``.
+
+    mlx-lm's inner ``to_lora`` calls ``LoRALayer.from_base(layer, r=rank, ...)``
+    in a fixed module order; picking ``r`` per base layer here keeps that
+    order, and so the random stream, identical to stock.
+    """
+
+    def __init__(self, cls, choose_rank):
+        self.cls = cls
+        self.choose_rank = choose_rank
+
+    def from_base(self, layer, r=8, **kwargs):
+        return self.cls.from_base(layer, r=self.choose_rank(layer, r), **kwargs)
+
+
+@contextlib.contextmanager
+def _ranked_classes(choose_rank):
+    tuner_utils = sys.modules["mlx_lm.tuner.utils"]
+    # the LoRA/DoRA layer classes that to_lora looks up by name
+    names = [
+        name
+        for name, value in vars(tuner_utils).items()
+        if isinstance(value, type) and hasattr(value, "from_base")
+    ]
+    with _lock:
+        saved = {name: getattr(tuner_utils, name) for name in names}
+        try:
+            for name, cls in saved.items():
+                setattr(tuner_utils, name, _RankedFactory(cls, choose_rank))
+            yield
+        finally:
+            for name, cls in saved.items():
+                setattr(tuner_utils, name, cls)
+
+
+def _linear_to_lora_layers(original, model, num_layers, config, use_dora=False):
+    pattern = (config or {}).get("rank_pattern")
+    if not pattern:
+        return original(model, num_layers, config, use_dora=use_dora)
+    by_id = {}
+    for path, module in model.named_modules():
+        if path in pattern:
+            if hasattr(module, "to_lora"):
+                raise ValueError(
+                    f"{path} ({type(module).__name__}) builds its own LoRA layer; "
+                    "per-module ranks are not supported for it"
+                )
+            by_id[id(module)] = (path, pattern[path])
+    used = set()
+
+    def choose_rank(layer, r):
+        if id(layer) not in by_id:
+            return r
+        path, rank = by_id[id(layer)]
+        used.add(path)
+        return rank
+
+    with _ranked_classes(choose_rank):
+        result = original(model, num_layers, config, use_dora=use_dora)
+    unused = sorted(set(pattern) - used)
+    if unused:
+        raise ValueError(
+            f"rank_pattern names {len(unused)} module(s) that were not converted "
+            f"to LoRA (e.g. {', '.join(unused[:3])}); check num_layers and keys"
+        )
+    return result
+
+
+# -- Patch 0002: the hook call sites ------------------------------------------
+
+
+def _load_adapters(original, model, adapter_path):
+    loaded = _hook().mlx_lm_load_adapters(model=model, adapter_path=Path(adapter_path))
+    return loaded if loaded is not None else original(model, adapter_path)
+
+
+def _build_parser(original):
+    parser = original()
+    _hook().mlx_lm_lora_add_arguments(parser=parser)
+    return parser
+
+
+def _train_model(original, args, model, train_set, valid_set, training_callback=None):
+    lora_parameters = _hook().mlx_lm_lora_parameters(args=args, model=model)
+    if lora_parameters is not None:
+        args.lora_parameters = lora_parameters
+    result = original(args, model, train_set, valid_set, training_callback)
+    _hook().mlx_lm_lora_adapter_saved(
+        args=args, model=model, adapter_path=Path(args.adapter_path)
+    )
+    return result
+
+
+def _main(original):
+    try:
+        return original()
+    except (ValueError, OSError) as e:
+        if getattr(e, "mlx_lm_plugin", None) is None:
+            raise
+        sys.exit(f"mlx_lm.lora: error: {e}")
