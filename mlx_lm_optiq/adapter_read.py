@@ -130,9 +130,11 @@ class AdapterSummary:
     scaling: Optional[str]
     scale: Optional[float]
     dropout: Optional[float]
-    ranks: Dict[str, int]
+    ranks: Dict[str, int]  # 0 for the modules its run left out, where known
     units: Dict[str, int]
     modules: Dict[str, dict] = field(default_factory=dict)  # sidecar facts
+    budget: Optional[str] = None
+    budget_parameters: Optional[int] = None
 
 
 def read_adapter(path) -> AdapterSummary:
@@ -154,6 +156,12 @@ def read_adapter(path) -> AdapterSummary:
         raise OptiqError("the weights hold no LoRA tensors", path)
 
     lora = config.get("lora_parameters") or {}
+    # Modules the run left out (rank 0) have no tensors; the configs name them.
+    left_out = {p for p, r in (lora.get("rank_pattern") or {}).items() if r == 0}
+    left_out |= {p for p, m in (sidecar.get("modules") or {}).items() if not m["rank"]}
+    known = sidecar.get("units") or {}
+    for module in sorted(left_out - set(ranks)):
+        ranks[module], units[module] = 0, known.get(module, 0)
     if sidecar.get("format"):
         kind, scaling = "mlx-lm-optiq", sidecar.get("rank_scaling")
     elif "applied_ranks" in sidecar:
@@ -164,7 +172,8 @@ def read_adapter(path) -> AdapterSummary:
         kind, scaling = "peft", None
     base_rank = sidecar.get("base_rank") or lora.get("rank") or config.get("r")
     if not base_rank:
-        base_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        adapted = [r for r in ranks.values() if r]
+        base_rank = max(set(adapted), key=adapted.count)
     scale = sidecar.get("scale") or lora.get("scale")
     if scale is None and config.get("lora_alpha") and config.get("r"):
         scale = config["lora_alpha"] / config["r"]
@@ -183,6 +192,8 @@ def read_adapter(path) -> AdapterSummary:
         ranks=ranks,
         units=units,
         modules=sidecar.get("modules") or {},
+        budget=sidecar.get("rank_budget"),
+        budget_parameters=sidecar.get("budget_parameters"),
     )
 
 

@@ -44,8 +44,9 @@ def peft_config(ranks, base_rank, scale, dropout=0.0, base_model=None):
     PEFT scales each module by ``lora_alpha / r`` while mlx-lm multiplies by
     ``scale`` whatever the rank, so the alpha for module ``i`` is
     ``scale * r_i``. Patterns use exact full module paths, never regexes that
-    could overlap.
+    could overlap. Modules at rank 0 are left out of ``target_modules``.
     """
+    adapted = {p: r for p, r in ranks.items() if r > 0}  # rank 0: not targeted
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -55,9 +56,9 @@ def peft_config(ranks, base_rank, scale, dropout=0.0, base_model=None):
         "lora_dropout": dropout,
         "bias": "none",
         "fan_in_fan_out": False,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {p: r for p, r in ranks.items() if r != base_rank},
-        "alpha_pattern": {p: scale * r for p, r in ranks.items() if r != base_rank},
+        "target_modules": sorted(adapted),
+        "rank_pattern": {p: r for p, r in adapted.items() if r != base_rank},
+        "alpha_pattern": {p: scale * r for p, r in adapted.items() if r != base_rank},
     }
 
 
@@ -122,6 +123,7 @@ def sidecar(run):
         "model_type": run.model_type,
         "rank_scaling": run.scaling,
         "rank_budget": run.budget,
+        "budget_parameters": run.budget_parameters,
         "base_rank": run.base_rank,
         "scale": run.lora_parameters["scale"],
         "dropout": run.lora_parameters.get("dropout", 0.0),

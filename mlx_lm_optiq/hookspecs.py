@@ -33,8 +33,13 @@ class RankContext:
         units: ``{module path: adapter parameters per unit of rank}``
             (``in + out`` for a linear layer).
         budget: the adapter parameters the ranks may spend, when the user
-            gave a budget (``--rank-budget``); ``None`` for ``free``.
+            gave a budget (``--rank-budget``); ``None`` for ``free``. The ranks
+            a policy returns are rescaled to it afterwards in any case.
         report: call with one line to tell the user something.
+        rank_range: how far sensitivity may move a module from the median
+            (``--rank-range``, default 4): weights stay in ``[1/range, range]``.
+
+    A policy returns ``{module path: rank}``; rank 0 leaves a module out.
     """
 
     base_rank: int
@@ -42,6 +47,7 @@ class RankContext:
     units: Dict[str, int]
     budget: Optional[int] = None
     report: Callable[[str], None] = print
+    rank_range: float = 4.0
 
 
 @dataclass
@@ -49,7 +55,7 @@ class Run:
     """Everything decided about one training run's adapter before it starts."""
 
     scaling: str
-    budget: str
+    budget: str  # as given: free, match, default or a count such as 250k
     base_rank: int
     base_model: str
     lora_parameters: dict  # what mlx-lm gets, with rank_pattern
@@ -58,6 +64,7 @@ class Run:
     facts: dict
     sources: List = field(default_factory=list)
     model_type: Optional[str] = None
+    budget_parameters: Optional[int] = None  # what the budget allowed
 
 
 @hookspec

@@ -21,8 +21,6 @@ from .errors import OptiqError
 from .hookspecs import Run
 from .mlx_lm_hookspecs import hookimpl
 
-RANK_BUDGETS = ("free", "match")
-
 
 def _is_main_process():
     import mlx.core as mx
@@ -40,16 +38,19 @@ def mlx_lm_lora_add_arguments(parser):
         "per-module LoRA ranks (mlx-lm-optiq)",
         "Give every adapted module its own LoRA rank from how sensitive it is "
         "to quantization. Each option is also a YAML key (rank_scaling, rank, "
-        "rank_budget).",
+        "rank_budget, rank_range).",
     )
     group.add_argument(
         "--rank-scaling",
         choices=list(plugins.rank_policies()),
         default=None,
-        help="constant: the base rank everywhere (same as stock mlx-lm); "
-        "by_bits: rank * bits / 4, so 8-bit modules get twice the rank of "
-        "4-bit ones; by_kl: rank * KL / median KL, clipped to [0.5, 2], from "
-        "optiq/sensitivity.json (falls back to by_bits). Others come from plugins.",
+        help="allocate: spend the budget across the adapted modules by measured "
+        "KL (optiq/sensitivity.json), most rank where quantizing hurt most, the "
+        "least sensitive modules left out when the budget is tight; use it with "
+        "--num-layers -1 --rank-budget default. constant: the base rank "
+        "everywhere (same as stock mlx-lm); by_bits: rank * bits / 4, so 8-bit "
+        "modules get twice the rank of 4-bit ones; by_kl: rank * KL / median KL, "
+        "clipped to [0.5, 2] (falls back to by_bits). Others come from plugins.",
     )
     group.add_argument(
         "--rank",
@@ -59,10 +60,20 @@ def mlx_lm_lora_add_arguments(parser):
     )
     group.add_argument(
         "--rank-budget",
-        choices=RANK_BUDGETS,
         default=None,
-        help="free (default): keep the policy's ranks; match: rescale them so "
-        "the adapter has no more parameters than constant rank would.",
+        metavar="{free,match,default,COUNT}",
+        help="free (default): keep the policy's ranks; match: rescale them to "
+        "the parameters constant rank would train on the adapted modules; "
+        "default: to what constant --rank trains on mlx-lm's default window "
+        "(the last 16 layers), whatever --num-layers says; COUNT: to that many "
+        "adapter parameters (250000, 250k, 1.3M). Never over the budget.",
+    )
+    group.add_argument(
+        "--rank-range",
+        type=float,
+        default=None,
+        help="allocate: how far a module's KL may count from the median, "
+        "[1/R, R] (default 4).",
     )
 
 
@@ -179,13 +190,25 @@ def base_lora_parameters(args) -> dict:
 
 def resume_lora_parameters(args):
     """Without rank scaling: apply ``--rank``, and resume a mixed-rank adapter
-    at its own ranks. ``None`` when there is nothing to change."""
+    at its own ranks. ``None`` when there is nothing to change.
+
+    The ranks come from the file's tensors; the modules its run left out
+    (rank 0) from the ``adapter_config.json`` beside it.
+    """
     resume = getattr(args, "resume_adapter_file", None)
     if getattr(args, "rank", None) is None and resume is None:
         return None
     params = base_lora_parameters(args)
     if resume is not None:
+        resume = Path(resume)
         found = adapter_read.mlx_ranks(adapter_read.read_safetensors_header(resume))
+        config_file = resume.parent / adapter_read.CONFIG
+        if config_file.is_file():
+            lora = adapter_read.read_json(config_file).get("lora_parameters") or {}
+            left_out = {
+                p for p, r in (lora.get("rank_pattern") or {}).items() if r == 0
+            }
+            found.update(dict.fromkeys(left_out - set(found), 0))
         if any(r != params["rank"] for r in found.values()):
             params["rank_pattern"] = found
     return params
@@ -229,7 +252,7 @@ def plan_run(args, model, report=print) -> Run:
         )
     ]
     scaling = args.rank_scaling
-    budget = getattr(args, "rank_budget", None) or "free"
+    budget = str(getattr(args, "rank_budget", None) or "free")
     base_rank = params["rank"]
     sources = metadata.read_sources(
         resolve_model_dir(args.model), plugins.metadata_readers()
@@ -241,6 +264,17 @@ def plan_run(args, model, report=print) -> Run:
         report,
     )
     units = {p: u for p, _, u in targets}
+    default_units = None
+    if ranks.parse_budget(budget) == "default":
+        default_units = {
+            path: lora_layers.describe_module(module)[1]
+            for path, module in lora_layers.adapted_modules(
+                model, default_num_layers(), params, use_dora
+            )
+        }
+    allowed = ranks.budget_parameters(
+        ranks.parse_budget(budget), units, base_rank, default_units
+    )
     chosen = ranks.assign(
         scaling,
         base_rank,
@@ -249,12 +283,20 @@ def plan_run(args, model, report=print) -> Run:
         budget,
         report,
         policies=plugins.rank_policies(),
+        default_units=default_units,
+        rank_range=getattr(args, "rank_range", None) or 4.0,
     )
     if getattr(args, "resume_adapter_file", None):
         _check_resume(Path(args.resume_adapter_file), chosen)
     params["rank_pattern"] = chosen
-    report(f"rank scaling: {scaling} (base rank {base_rank}, budget {budget})")
+    spent = ranks.parameter_count(chosen, units)
+    said = f"budget {budget}"
+    if allowed is not None:
+        said += f": {allowed:,} parameters, {spent:,} spent"
+    report(f"rank scaling: {scaling} (base rank {base_rank}, {said})")
     report(ranks.describe(chosen, units, base_rank))
+    if allowed is not None:
+        report(ranks.describe_layers(chosen, units))
     return Run(
         scaling=scaling,
         budget=budget,
@@ -266,7 +308,15 @@ def plan_run(args, model, report=print) -> Run:
         facts=facts,
         sources=sources,
         model_type=getattr(model, "model_type", None),
+        budget_parameters=allowed,
     )
+
+
+def default_num_layers():
+    """mlx-lm's default ``--num-layers``: the window ``--rank-budget default`` prices."""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    return CONFIG_DEFAULTS["num_layers"]
 
 
 def read_run(adapter_dir) -> Run:
@@ -293,6 +343,7 @@ def read_run(adapter_dir) -> Run:
             for f in doc["metadata_files"]
         ],
         model_type=doc["model_type"],
+        budget_parameters=doc.get("budget_parameters"),
     )
 
 
@@ -303,7 +354,7 @@ def _check_resume(resume_file, chosen):
         p = differ[0]
         raise OptiqError(
             f"{len(differ)} modules have other ranks than this run chooses (e.g. "
-            f"{p}: {found[p]} in the file, {chosen[p]} now); resume with the rank "
-            "scaling and base rank the file was trained with",
+            f"{p}: {found[p]} in the file, {chosen[p]} now); resume with the "
+            "rank scaling, budget and base rank the file was trained with",
             resume_file,
         )

@@ -145,6 +145,8 @@ def expected_tensors(model, num_layers, lora_parameters, rank_pattern, use_dora)
     expected = {}
     for path, module in targets:
         rank = rank_pattern.get(path, lora_parameters["rank"])
+        if rank == 0:
+            continue  # left out: no tensors
         for leaf, shape in adapter_shapes(module, rank, use_dora).items():
             expected[f"{path}.{leaf}"] = shape
     return expected, [path for path, _ in targets]

@@ -1,22 +1,27 @@
-"""Ranks out: a LoRA rank for every adapted module.
+"""Ranks out: a LoRA rank for every adapted module (0: left out).
 
-Policies (base rank ``r``, floor :data:`MIN_RANK`):
+Policies (base rank ``r``; a module's rank is 0 or at least :data:`MIN_RANK`):
 
 - ``constant``: ``r`` everywhere, exactly what stock mlx-lm trains;
 - ``by_bits``: ``ceil(r * bits / 4)``: 4-bit -> r, 8-bit -> 2r, 3-bit -> 0.75r;
 - ``by_kl``: ``ceil(r * clip(kl / median_kl, 0.5, 2))``, the median over the
-  adapted modules; without any KL it falls back to ``by_bits``.
+  adapted modules; without any KL it falls back to ``by_bits``;
+- ``allocate``: spends the budget over the adapted modules by measured KL
+  (:func:`allocate`), leaving the least sensitive out when it is tight.
 
-``match_budget`` then optionally rescales any policy's ranks so the adapter's
-parameter count is as close as possible to, and never above, ``constant``'s.
+A budget (``--rank-budget``: ``match``, ``default`` or a parameter count)
+then rescales any policy's ranks so the adapter's parameter count is as
+close as possible to, and never above, the budget (:func:`fit_budget`).
 """
 
+import heapq
 import inspect
 import math
+import re
 import statistics
 import warnings
-from collections import Counter
-from typing import Callable, Dict, Mapping
+from collections import Counter, defaultdict
+from typing import Callable, Dict, Mapping, Optional, Union
 
 from .errors import OptiqError
 from .hookspecs import RankContext
@@ -80,10 +85,79 @@ def by_kl(context):
     return ranks
 
 
+def sensitivity_weights(facts, rank_range, report=print):
+    """``{module path: KL / median KL}`` clipped to ``[1/range, range]``.
+
+    Modules without KL weigh 1 (the median); without any KL every module
+    does, and that is said.
+    """
+    kls = [f.kl for f in facts.values() if f.kl is not None]
+    if not kls:
+        report(
+            "note: no KL sensitivity for the adapted modules (no "
+            "optiq/sensitivity.json): the budget is spread evenly"
+        )
+        return dict.fromkeys(facts, 1.0)
+    median = statistics.median(kls)
+    low, high = 1.0 / rank_range, rank_range
+    return {
+        p: 1.0 if f.kl is None or median <= 0 else min(high, max(low, f.kl / median))
+        for p, f in facts.items()
+    }
+
+
+def allocate(context):
+    """Spend the budget across the adapted modules by measured sensitivity.
+
+    Greedy water-filling: every module starts left out (rank 0); each step
+    gives one more unit of rank (the first step :data:`MIN_RANK` units) to the
+    module where it buys the most, until no step fits the budget. A module
+    ``i`` at rank ``r`` is worth ``w_i * units_i * log(1 + r)``: ``w_i`` is its
+    KL over the median KL, clipped to ``[1/range, range]`` (``--rank-range``,
+    default 4), ``units_i`` its adapter parameters per rank, and the log says
+    each doubling of rank buys about the same. So per adapter parameter a step
+    buys ``w_i`` times the log gain, whatever the module's size: equal KL gives
+    equal ranks (constant rank over the budget), and the less sensitive a
+    module, the sooner it is left out when the budget is tight. Without a
+    budget it spends what constant rank would.
+    """
+    units = context.units
+    budget = context.budget
+    if budget is None:
+        budget = constant_parameters(units, context.base_rank)
+    weights = sensitivity_weights(context.facts, context.rank_range, context.report)
+    ranks = dict.fromkeys(context.facts, 0)
+
+    def step(path):
+        """(buys per parameter, parameters) of ``path``'s next rank step."""
+        rank = ranks[path]
+        new = MIN_RANK if rank == 0 else rank + 1
+        cost = (new - rank) * units[path]
+        buys = weights[path] * (math.log1p(new) - math.log1p(rank)) / (new - rank)
+        return buys, cost, new
+
+    order = {p: -i for i, p in enumerate(ranks)}  # ties: the later layers first
+    heap = []
+    for path in ranks:
+        buys, _, _ = step(path)
+        heapq.heappush(heap, (-buys, order[path], path))
+    spent = 0
+    while heap:
+        _, _, path = heapq.heappop(heap)
+        _, cost, new = step(path)
+        if spent + cost > budget:
+            continue  # it never fits again: spent only grows, its steps cost the same
+        ranks[path], spent = new, spent + cost
+        buys, _, _ = step(path)
+        heapq.heappush(heap, (-buys, order[path], path))
+    return ranks
+
+
 POLICIES: Dict[str, Callable] = {
     "constant": constant,
     "by_bits": by_bits,
     "by_kl": by_kl,
+    "allocate": allocate,
 }
 
 
@@ -97,22 +171,27 @@ def constant_parameters(units: Mapping[str, int], base_rank: int) -> int:
     return parameter_count(dict.fromkeys(units, base_rank), units)
 
 
-def match_budget(ranks, units, base_rank):
-    """Rescale ``ranks`` to spend at most what ``constant`` would.
+def fit_budget(ranks, units, budget):
+    """Rescale ``ranks`` to spend at most ``budget`` adapter parameters.
 
     Finds the largest common factor ``s`` such that ``max(2, floor(r_i * s))``
-    fits the budget, then hands out single rank steps, largest remainder first,
-    while they still fit: what is left unspent is less than one module's step.
+    fits, then hands out single rank steps, largest remainder first, while
+    they still fit: what is left unspent is less than one module's step.
+    Modules at rank 0 stay out; if the budget can't hold every other module
+    at :data:`MIN_RANK`, the lowest-ranked ones are left out too (the first
+    layers first, as mlx-lm adapts the last layers first).
     """
-    budget = constant_parameters(units, base_rank)
-    if constant_parameters(units, MIN_RANK) > budget:
-        raise OptiqError(
-            f"--rank-budget match: a base rank of {base_rank} is below the minimum "
-            f"rank {MIN_RANK}"
-        )
+    kept = [p for p in ranks if ranks[p] > 0]
+    by_priority = sorted(kept, key=lambda p: ranks[p])  # stable: module order
+    while by_priority and MIN_RANK * sum(units[p] for p in by_priority) > budget:
+        by_priority.pop(0)
+    kept = [p for p in kept if p in set(by_priority)]
+    result = dict.fromkeys(ranks, 0)
+    if not kept:
+        return result
 
     def scaled(s):
-        return {p: _floor(math.floor(r * s)) for p, r in ranks.items()}
+        return {p: _floor(math.floor(ranks[p] * s)) for p in kept}
 
     lo, hi = 0.0, 1.0
     while parameter_count(scaled(hi), units) <= budget:
@@ -123,9 +202,9 @@ def match_budget(ranks, units, base_rank):
             lo = mid
         else:
             hi = mid
-    result = scaled(lo)
+    result.update(scaled(lo))
     spent = parameter_count(result, units)
-    by_remainder = sorted(ranks, key=lambda p: ranks[p] * lo - result[p], reverse=True)
+    by_remainder = sorted(kept, key=lambda p: ranks[p] * lo - result[p], reverse=True)
     grew = True
     while grew:
         grew = False
@@ -135,6 +214,56 @@ def match_budget(ranks, units, base_rank):
                 spent += units[p]
                 grew = True
     return result
+
+
+def match_budget(ranks, units, base_rank):
+    """:func:`fit_budget` to what constant rank ``base_rank`` would spend."""
+    return fit_budget(ranks, units, constant_parameters(units, base_rank))
+
+
+BUDGET_WORDS = ("free", "match", "default")
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")
+
+
+def parse_budget(value) -> Union[str, int]:
+    """``--rank-budget``: ``free``, ``match``, ``default``, or a parameter count
+    (``250000``, ``250k``, ``1.3M``)."""
+    if isinstance(value, str) and value.strip().lower() in BUDGET_WORDS:
+        return value.strip().lower()
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    else:
+        found = _COUNT.match(str(value)) if isinstance(value, (str, float)) else None
+        if found is None:
+            raise OptiqError(
+                f"--rank-budget {value!r}: give free, match, default or a number of "
+                "adapter parameters such as 250000, 250k or 1.3M"
+            )
+        number, unit = found.groups()
+        count = round(
+            float(number) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit.lower()]
+        )
+    if count <= 0:
+        raise OptiqError(f"--rank-budget {value!r}: the budget must be positive")
+    return count
+
+
+def budget_parameters(budget, units, base_rank, default_units=None) -> Optional[int]:
+    """The adapter parameters a budget allows; ``None`` for ``free``.
+
+    Args:
+        budget: what :func:`parse_budget` returns.
+        units: ``{module path: units}`` of the modules the run adapts.
+        base_rank: the base rank.
+        default_units: the same for mlx-lm's default window (``default``).
+    """
+    if budget == "free":
+        return None
+    if budget == "match":
+        return constant_parameters(units, base_rank)
+    if budget == "default":
+        return constant_parameters(default_units, base_rank)
+    return budget
 
 
 def call_policy(name, policy, context):
@@ -176,29 +305,42 @@ def call_policy(name, policy, context):
             f"rank policy {name!r} must return a rank for each adapted module"
         )
     for path, rank in ranks.items():
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
             raise OptiqError(
                 f"rank policy {name!r} gave {path} the rank {rank!r}; ranks are "
-                "positive integers"
+                "integers >= 0 (0 leaves the module out)"
             )
     return ranks
 
 
-def assign(policy, base_rank, facts, units, budget="free", report=print, policies=None):
+def assign(
+    policy,
+    base_rank,
+    facts,
+    units,
+    budget="free",
+    report=print,
+    policies=None,
+    default_units=None,
+    rank_range=4.0,
+):
     """Ranks for every adapted module.
 
     Args:
-        policy: a key of :data:`POLICIES`.
+        policy: a key of ``policies``.
         base_rank: ``lora_parameters.rank``.
         facts: ``{module path: ModuleFacts}`` from :mod:`mlx_lm_optiq.metadata`.
         units: ``{module path: in_dims + out_dims}`` (adapter parameters per rank).
-        budget: ``"free"`` keeps the policy's ranks, ``"match"`` rescales them to
-          ``constant``'s parameter count.
+        budget: ``"free"`` keeps the policy's ranks; ``"match"`` (constant
+          rank's count), ``"default"`` (constant rank on mlx-lm's default
+          window, ``default_units``) or a parameter count rescales them to it.
         report: called with one line for each thing worth telling the user.
         policies: ``{name: policy}``; default :data:`POLICIES`.
+        default_units: ``{module path: units}`` of mlx-lm's default window.
+        rank_range: the dynamic range of sensitivity a policy may use.
 
     Returns:
-        ``{module path: rank}`` in the modules' order.
+        ``{module path: rank}`` in the modules' order; 0 leaves a module out.
     """
     policies = POLICIES if policies is None else policies
     check_base_rank(base_rank)
@@ -206,24 +348,27 @@ def assign(policy, base_rank, facts, units, budget="free", report=print, policie
         raise OptiqError(
             f"unknown rank scaling {policy!r}; choose one of {', '.join(policies)}"
         )
-    if budget not in ("free", "match"):
-        raise OptiqError(f"unknown rank budget {budget!r}; choose free or match")
+    budget = parse_budget(budget)
+    if not (isinstance(rank_range, (int, float)) and rank_range >= 1):
+        raise OptiqError(f"--rank-range must be a number >= 1, got {rank_range!r}")
+    allowed = budget_parameters(budget, units, base_rank, default_units)
     context = RankContext(
         base_rank=base_rank,
         facts=facts,
         units=units,
-        budget=constant_parameters(units, base_rank) if budget == "match" else None,
+        budget=allowed,
         report=report,
+        rank_range=float(rank_range),
     )
     ranks = call_policy(policy, policies[policy], context)
-    if budget == "match":
-        ranks = match_budget(ranks, units, base_rank)
+    if allowed is not None:
+        ranks = fit_budget(ranks, units, allowed)
     return ranks
 
 
 def distribution(ranks: Mapping[str, int]) -> Dict[int, int]:
-    """``{rank: number of modules}``, smallest rank first."""
-    return dict(sorted(Counter(ranks.values()).items()))
+    """``{rank: number of modules}`` of the adapted modules, smallest rank first."""
+    return dict(sorted(Counter(r for r in ranks.values() if r > 0).items()))
 
 
 def describe(ranks, units, base_rank) -> str:
@@ -231,8 +376,40 @@ def describe(ranks, units, base_rank) -> str:
     trainable = parameter_count(ranks, units)
     constant_count = constant_parameters(units, base_rank)
     ratio = trainable / constant_count if constant_count else 0.0
+    adapted = sum(1 for r in ranks.values() if r > 0)
+    left_out = len(ranks) - adapted
+    out = f"; {left_out} left out (rank 0)" if left_out else ""
     return (
-        f"rank distribution: {distribution(ranks)} across {len(ranks)} adapted modules\n"
+        f"rank distribution: {distribution(ranks)} across {adapted} adapted modules{out}\n"
         f"adapter parameters: {trainable:,} ({ratio:.2f}x the {constant_count:,} "
         f"of constant rank {base_rank})"
     )
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of(path) -> Optional[int]:
+    """The transformer block index in a module path (``model.layers.7.mlp`` -> 7)."""
+    found = _LAYER.search(path)
+    return int(found.group(1)) if found else None
+
+
+def describe_layers(ranks, units) -> str:
+    """Where the parameters went, per transformer block, in one line per 10."""
+    per_layer = defaultdict(int)
+    for path, rank in ranks.items():
+        per_layer[layer_of(path)] += rank * units[path]
+    layers = sorted(k for k in per_layer if k is not None)
+    cells = [f"{k}:{_short(per_layer[k])}" for k in layers]
+    lines = [
+        "parameters per layer: " + " ".join(cells[i : i + 10])
+        for i in range(0, len(cells), 10)
+    ]
+    if per_layer.get(None):
+        lines.append(f"outside the layers: {_short(per_layer[None])}")
+    return "\n".join(lines)
+
+
+def _short(n):
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)

@@ -1,6 +1,7 @@
 """The backport of ``patches/`` into an unpatched mlx-lm; the only code that patches it.
 
-- patch 0001: ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``;
+- patch 0001: ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``
+  (rank 0 leaves a module as it is);
 - patch 0002: the plugin hook call sites. ``mlx_lm.lora`` calls
   ``mlx_lm_lora_add_arguments`` when it builds its parser,
   ``mlx_lm_lora_parameters`` before converting layers and
@@ -135,7 +136,10 @@ class _RankedFactory:
         self.choose_rank = choose_rank
 
     def from_base(self, layer, r=8, **kwargs):
-        return self.cls.from_base(layer, r=self.choose_rank(layer, r), **kwargs)
+        rank = self.choose_rank(layer, r)
+        if rank == 0:
+            return layer  # left out: stays the frozen base layer
+        return self.cls.from_base(layer, r=rank, **kwargs)
 
 
 @contextlib.contextmanager

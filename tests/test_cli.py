@@ -32,12 +32,13 @@ def test_help_explains_the_new_options(cli):
     out = " ".join(cli.lora("--help").stdout.split())
     for option in (
         "--rank-scaling",
-        "{constant,by_bits,by_kl}",
+        "{constant,by_bits,by_kl,allocate}",
         "--rank ",
         "--rank-budget",
     ):
         assert option in out
     assert "8-bit modules get twice the rank" in out
+    assert "--rank-budget {free,match,default,COUNT}" in out and "250k" in out
 
 
 def test_by_bits_gives_8bit_modules_twice_the_rank(cli, trained, mixed_model):

@@ -328,3 +328,31 @@ def test_info_reads_peft_dir(llama_pair, tmp_path):
     assert summary.kind == "peft"
     # 2 layers x 7 modules; v_proj at 12 in both, down_proj of layer 1 at 6
     assert sorted(summary.ranks.values()) == [4] * 11 + [6] + [12, 12]
+
+
+def test_left_out_modules_are_not_targeted_and_logits_match(
+    arch_setup, data_dir, tmp_path
+):
+    """A budget too small for every module: rank 0 leaves some out, and PEFT
+    builds exactly the others."""
+    arch, mlx_dir, hf_dir, _ = arch_setup
+    adapter = tmp_path / "small"
+    lora(
+        "--model", mlx_dir, "--data", data_dir, *TRAIN_ARGS,
+        "--num-layers", "-1", "--learning-rate", "1e-2", "--rank-scaling", "constant",
+        "--rank-budget", "3k", "--rank", "4", "--adapter-path", adapter,
+    )  # fmt: skip
+    pattern = read_json(adapter / "adapter_config.json")["lora_parameters"][
+        "rank_pattern"
+    ]
+    adapted = {p for p, r in pattern.items() if r}
+    assert 0 < len(adapted) < len(pattern)
+    expected = mlx_logits(mlx_lm.load(str(mlx_dir), adapter_path=str(adapter))[0])
+    peft_model = peft.PeftModel.from_pretrained(hf_base(hf_dir), str(adapter)).eval()
+    built = {
+        name.removeprefix("base_model.model.")
+        for name, m in peft_model.named_modules()
+        if "default" in getattr(m, "r", {})
+    }
+    assert built == adapted
+    assert np.abs(hf_logits(peft_model) - expected).max() <= 1e-4

@@ -7,10 +7,14 @@ from mlx_lm_optiq.metadata import ModuleFacts
 from mlx_lm_optiq.ranks import (
     MIN_RANK,
     assign,
+    constant_parameters,
     describe,
+    describe_layers,
     distribution,
+    fit_budget,
     match_budget,
     parameter_count,
+    parse_budget,
 )
 
 
@@ -101,3 +105,94 @@ def test_distribution_and_description():
     text = describe(ranks, {"a": 10, "b": 10, "c": 10}, 8)
     assert "rank distribution: {8: 2, 16: 1} across 3 adapted modules" in text
     assert "adapter parameters: 320 (1.33x the 240 of constant rank 8)" in text
+
+
+@pytest.mark.parametrize(
+    "text, count",
+    [("250000", 250000), ("250k", 250000), ("1.3M", 1300000), (" 2K ", 2000),
+     (1234, 1234), ("default", "default"), ("MATCH", "match"), ("free", "free")],
+)  # fmt: skip
+def test_parse_budget(text, count):
+    assert parse_budget(text) == count
+
+
+@pytest.mark.parametrize("bad", ["lots", "-5", "0", "1.5x", "", True, 0])
+def test_parse_budget_refuses(bad):
+    with pytest.raises(OptiqError, match="rank-budget"):
+        parse_budget(bad)
+
+
+UNITS = {f"model.layers.{i}.{m}": u for i in range(4) for m, u in
+         (("self_attn.q_proj", 128), ("self_attn.k_proj", 96), ("mlp.down_proj", 192))}  # fmt: skip
+
+
+@pytest.mark.parametrize("budget", [500, 1000, 2345, 4000, 10000])
+def test_fit_budget_never_over_and_within_one_step(budget):
+    ranks = {p: 8 if "down" in p else 4 for p in UNITS}
+    fitted = fit_budget(ranks, UNITS, budget)
+    spent = parameter_count(fitted, UNITS)
+    assert spent <= budget
+    kept = [p for p, r in fitted.items() if r]
+    assert all(fitted[p] >= MIN_RANK for p in kept)
+    # nothing more fits: no kept module can grow, no left-out one can come in
+    assert all(spent + UNITS[p] > budget for p in kept)
+    assert all(spent + MIN_RANK * UNITS[p] > budget for p in fitted if not fitted[p])
+
+
+def test_a_small_budget_leaves_modules_out_instead_of_overspending():
+    ranks = dict.fromkeys(UNITS, 8)
+    everything_at_min = MIN_RANK * sum(UNITS.values())  # 3,328
+    fitted = fit_budget(ranks, UNITS, everything_at_min // 2)
+    assert parameter_count(fitted, UNITS) <= everything_at_min // 2
+    left_out = [p for p, r in fitted.items() if r == 0]
+    assert 0 < len(left_out) < len(UNITS)
+    # the first layers go first, as mlx-lm adapts the last layers first
+    assert {int(p.split(".")[2]) for p in left_out} <= {0, 1}
+    assert fit_budget(ranks, UNITS, 100) == dict.fromkeys(UNITS, 0)
+
+
+def test_allocate_follows_kl_and_leaves_the_least_sensitive_out():
+    kl = {p: (100.0 if "layers.2.mlp" in p else 0.001 if "k_proj" in p else 1.0)
+          for p in UNITS}  # fmt: skip
+    f = facts(**{p: (4, k) for p, k in kl.items()})
+    budget = constant_parameters(UNITS, 4)
+    ranks = assign("allocate", 4, f, UNITS, "match", rank_range=4.0)
+    assert parameter_count(ranks, UNITS) <= budget
+    assert budget - parameter_count(ranks, UNITS) < min(UNITS.values())
+    assert all(ranks[p] == 0 for p in UNITS if "k_proj" in p)  # 1/1000: left out
+    top = ranks["model.layers.2.mlp.down_proj"]
+    assert (
+        top == max(ranks.values())
+        and top > 2 * ranks["model.layers.2.self_attn.q_proj"]
+    )
+    # a wider range concentrates more; range 1 is constant rank over the budget
+    wide = assign("allocate", 4, f, UNITS, "match", rank_range=100.0)
+    assert wide["model.layers.2.mlp.down_proj"] > top
+    flat = assign("allocate", 4, f, UNITS, "match", rank_range=1.0)
+    assert set(flat.values()) <= {4, 5} and parameter_count(flat, UNITS) == budget
+
+
+def test_allocate_without_kl_spreads_evenly_and_says_so():
+    said = []
+    f = facts(**{p: (4, None) for p in UNITS})
+    ranks = assign("allocate", 4, f, UNITS, 2000, said.append)
+    assert any("spread evenly" in line for line in said)
+    assert len({r for r in ranks.values() if r}) <= 2  # one rank, maybe one step above
+    assert parameter_count(ranks, UNITS) <= 2000
+
+
+def test_policies_may_leave_modules_out_and_budgets_keep_them_out():
+    def half(context):
+        return {p: 0 if i % 2 else 6 for i, p in enumerate(context.facts)}
+
+    f = facts(**{p: (4, None) for p in UNITS})
+    ranks = assign("half", 4, f, UNITS, "match", policies={"half": half})
+    assert [r for i, r in enumerate(ranks.values()) if i % 2] == [0] * 6
+    assert parameter_count(ranks, UNITS) <= constant_parameters(UNITS, 4)
+    assert "6 left out (rank 0)" in describe(ranks, UNITS, 4)
+
+
+def test_describe_layers():
+    ranks = {p: 4 for p in UNITS}
+    text = describe_layers(ranks, UNITS)
+    assert text == "parameters per layer: 0:1.7k 1:1.7k 2:1.7k 3:1.7k"
