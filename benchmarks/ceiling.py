@@ -137,12 +137,16 @@ def mlx_probe(spec):
     built = time.perf_counter() - tic
     mdir = model_dir(size, config, spec["tokenizer"], work / "model")
     data = synthetic_data(work / "data", length, rows=max(2 * batch, 4))
+    # mlx-lm truncates a batch to max_seq_length tokens and feeds all but the
+    # last to the model: "exact" makes the model's input ``length`` tokens.
+    max_seq_length = length + 1 if spec.get("exact") else length
     result = train_in_process(
         True, loaded=(model, load_tokenizer(mdir)),
         model=str(mdir), data=str(data), adapter_path=str(work / "adapter"),
         iters=spec["iters"], batch_size=batch, num_layers=min(LORA_LAYERS, SIZES[size]["num_hidden_layers"]),
-        max_seq_length=length, steps_per_report=1, steps_per_eval=10**9, val_batches=1,
-        save_every=10**9, rank_scaling="by_bits", grad_checkpoint=True,
+        max_seq_length=max_seq_length, steps_per_report=1, steps_per_eval=10**9, val_batches=1,
+        save_every=10**9, rank_scaling="by_bits", grad_checkpoint=spec.get("grad_checkpoint", True),
+        base_compute=spec.get("base_compute"),
         lora_parameters={"rank": RANK, "dropout": 0.0, "scale": 20.0},
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
@@ -176,8 +180,9 @@ def torch_probe(spec):
                       rank_pattern={p: r for p, r in ranks.items() if r != RANK},
                       alpha_pattern={p: 20 * r for p, r in ranks.items() if r != RANK})  # fmt: skip
     model = get_peft_model(model, lora)
-    model.gradient_checkpointing_enable()
-    model.enable_input_require_grads()
+    if spec.get("grad_checkpoint", True):
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     tokens = torch.randint(0, SIZES[size]["vocab_size"], (batch, length), device=device)

@@ -19,9 +19,6 @@ Get the model and data with ``../shared/tools/get-real-data.sh DEST`` (see
 """
 
 import argparse
-import concurrent.futures
-import multiprocessing
-import re
 import shutil
 import statistics
 import sys
@@ -35,7 +32,9 @@ sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
     environment,
+    gsm8k_answers,
     print_table,
+    run_all,
     train_in_process,
     write_result,
 )
@@ -47,7 +46,6 @@ POLICIES = [
     ("by_kl", "free"),
     ("by_kl", "match"),
 ]
-ANSWER = re.compile(r"####\s*(-?[\d,\.]+)")
 
 
 def label(scaling, budget):
@@ -103,84 +101,15 @@ def train(args, model_dir, scaling, budget, seed, adapter_path):
 
 
 def gsm8k_accuracy(model_dir, adapter_path, data, limit, max_tokens, batch_size):
-    import json
-
-    import mlx_lm
-
-    rows = [json.loads(l) for l in open(Path(data) / "test.jsonl")][:limit]
-    model, tokenizer = mlx_lm.load(str(model_dir), adapter_path=str(adapter_path))
-    prompts = [tokenizer.encode(r["prompt"]) for r in rows]
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        texts += mlx_lm.batch_generate(
-            model, tokenizer, prompts[i : i + batch_size], max_tokens=max_tokens
-        ).texts
-    correct = 0
-    for row, text in zip(rows, texts):
-        got, want = ANSWER.search(text), ANSWER.search(row["completion"])
-        if (
-            got
-            and want
-            and got.group(1).replace(",", "").rstrip(".")
-            == want.group(1).replace(",", "")
-        ):
-            correct += 1
-    return correct / len(rows), len(rows)
+    answers = gsm8k_answers(
+        model_dir, adapter_path, data, limit, max_tokens, batch_size
+    )
+    return sum(answers) / len(answers), len(answers)
 
 
 def task(kind, *a):
     """One unit of work for a worker process (or this one): a run or an evaluation."""
     return {"train": train, "gsm8k": gsm8k_accuracy}[kind](*a)
-
-
-def run_all(tasks, jobs, deadline):
-    """``{name: result}`` for ``{name: (kind, args...)}``, ``jobs`` at a time.
-
-    The first task runs alone so that the kernels it compiles are on disk
-    before the others start; a task that fails is tried once more (two
-    processes compiling one kernel can meet half-written cache files).
-    Tasks not started by ``deadline`` are left out.
-    """
-    names = list(tasks)
-    done, failed = {}, {}
-    if not names:
-        return done, failed
-    if jobs <= 1:
-        for name in names:
-            if time.monotonic() > deadline:
-                break
-            done[name] = task(*tasks[name])
-            report(name, done[name])
-        return done, failed
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        first = names[0]
-        done[first] = pool.submit(task, *tasks[first]).result()
-        report(first, done[first])
-        pending = {}
-        for name in names[1:]:
-            pending[pool.submit(_until, deadline, *tasks[name])] = (name, 0)
-        while pending:
-            ready, _ = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
-            for future in ready:
-                name, tries = pending.pop(future)
-                try:
-                    result = future.result()
-                except Exception as e:  # noqa: BLE001 - retried once, then recorded
-                    if tries == 0:
-                        pending[pool.submit(_until, deadline, *tasks[name])] = (name, 1)
-                    else:
-                        failed[name] = f"{type(e).__name__}: {e}"[:300]
-                        print(f"{name}: failed: {failed[name]}", flush=True)
-                    continue
-                if result is not None:
-                    done[name] = result
-                    report(name, result)
-    return done, failed
-
-
-def _until(deadline, kind, *a):
-    return None if time.monotonic() > deadline else task(kind, *a)
 
 
 def report(name, result):
@@ -297,7 +226,7 @@ def main():
                     seed,
                     adapter,
                 )
-    done, failed = run_all(tasks, args.jobs, start + args.budget_seconds)
+    done, failed = run_all(tasks, args.jobs, start + args.budget_seconds, task, report)
     runs = []
     for name, result in done.items():
         base, policy, seed = name.split("/")
@@ -333,7 +262,7 @@ def main():
             if key in optiq and (adapter / "adapters.safetensors").exists():
                 evals[f"{key}/seed{seed}"] = ("gsm8k", models["optiq"], adapter, args.data,
                                               args.gsm8k, args.max_tokens, 32)  # fmt: skip
-    results, eval_failed = run_all(evals, args.jobs, float("inf"))
+    results, eval_failed = run_all(evals, args.jobs, float("inf"), task, report)
     failed.update(eval_failed)
     accuracy = {}
     for key in dict.fromkeys([best, "optiq/constant"]):

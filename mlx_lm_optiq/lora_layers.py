@@ -189,6 +189,52 @@ def lora_layers(model, modules, dropout=0.0):
     return layers
 
 
+def _dequantized_weight(module):
+    return mx.dequantize(
+        module.weight,
+        module.scales,
+        getattr(module, "biases", None),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=getattr(module, "mode", "affine"),
+    ).astype(module.scales.dtype)
+
+
+def dequantized_copies(model):
+    """``[(module path, float layer)]`` for every quantized linear and embedding
+    layer: the same function up to rounding, in the dtype of its scales,
+    frozen. Returns the layers and the bytes their weights take."""
+    layers, size = [], 0
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            weight = _dequantized_weight(module)
+            out_dims, in_dims = weight.shape
+            layer = nn.Linear(in_dims, out_dims, bias="bias" in module)
+            if "bias" in module:
+                layer.bias = module.bias
+        elif isinstance(module, nn.QuantizedEmbedding):
+            weight = _dequantized_weight(module)
+            layer = nn.Embedding(*weight.shape)
+        else:
+            continue
+        layer.weight = weight
+        mx.eval(layer.parameters())  # one layer at a time: a low peak
+        layer.freeze()
+        layers.append((path, layer))
+        size += weight.nbytes
+    return layers, size
+
+
+def dequantized_size(model):
+    """Bytes the weights of :func:`dequantized_copies` would take."""
+    size = 0
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            rows, packed = module.weight.shape
+            size += rows * packed * 32 // module.bits * module.scales.dtype.size
+    return size
+
+
 def swap_in(model, layers):
     """Put ``[(module path, layer)]`` into ``model`` in place of what is there."""
     model.update_modules(tree_unflatten(layers))

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The procedure for the lent GPU machine (no package index there, at most
+# 64 MiB per call, warm ~30 s between calls; see ../shared/DEVICE.md).
+#
+# Here:   benchmarks/device.sh pack DATA_DIR QWEN_SLICES_DIR SMOLLM2_GGUF
+#           -> .dev/c01 ... .dev/cNN, each under 63 MiB: A (MLX CUDA, wheels,
+#              SmolLM2 GGUF, GSM8K, converter) first, then B (the Qwen slices)
+# There, one call per chunk, back to back:
+#         bash benchmarks/device.sh stash .dev/cNN
+#         bash benchmarks/device.sh setup        # once A is stashed: MLX + SmolLM2
+#         bash benchmarks/device.sh start NAME CMD...   # a job that outlives the call
+#         bash benchmarks/device.sh wait NAME SECONDS   # until it ends, or SECONDS
+#         bash benchmarks/device.sh qwen         # once B is stashed: the 1.5B model
+#         bash benchmarks/device.sh collect FILE...     # copies into $OUT
+# The studies of benchmarks/README.md, each started as a job:
+#         bash benchmarks/device.sh start smollm2 bash benchmarks/device.sh study-smollm2
+#         bash benchmarks/device.sh start qwen bash benchmarks/device.sh study-qwen
+set -euo pipefail
+CHUNK=$((63 * 1024 * 1024))
+W=${DEVICE_WORK:-/root/w}
+STASH=${DEVICE_STASH:-/root/stash}
+cmd=${1:?usage: device.sh pack|stash|setup|start|wait|qwen|collect}
+shift
+
+case "$cmd" in
+pack)
+    data=${1:?DATA_DIR}; slices=${2:?QWEN_SLICES_DIR}; smol=${3:?SMOLLM2_GGUF}
+    here=$(cd "$(dirname "$0")/.." && pwd)
+    grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
+    [ -f .dev/a/part_aa ] || bash ../shared/tools/mlx-cuda-parts.sh
+    stage=$(mktemp -d)
+    mkdir -p "$stage/A/wheels" "$stage/A/mlx" "$stage/B"
+    cp .dev/a/part_aa .dev/b/part_ab "$stage/A/mlx/"
+    cp .dev/b/*.whl "$stage/A/wheels/"
+    python3 -m pip download -q --no-deps --only-binary=:all: gguf==0.19.0 -d "$stage/A/wheels"
+    python3 -c "from hatchling.build import build_wheel; build_wheel('$stage/A/wheels')"
+    cp -r "$data" "$stage/A/gsm8k"
+    cp "$smol" "$stage/A/smollm2.gguf"
+    cp ../shared/tools/gguf_to_mlx.py "$stage/A/"
+    cp "$slices"/part*.bin "$stage/B/"
+    rm -rf .dev/c[0-9]*
+    (cd "$stage/A" && tar cf - .) | split -b $CHUNK -d -a 2 - "$stage/A_"
+    (cd "$stage/B" && tar cf - .) | split -b $CHUNK -d -a 2 - "$stage/B_"
+    n=0
+    for part in "$stage"/A_* "$stage"/B_*; do
+        n=$((n + 1)); d=$(printf '.dev/c%02d' $n); mkdir -p "$d"; mv "$part" "$d/"
+    done
+    rm -rf "$stage"
+    du -sh .dev/c* | tr '\n' ' '; echo
+    ;;
+stash)
+    mkdir -p $STASH && cp "${1:?CHUNK_DIR}"/* $STASH/ && ls $STASH | tr '\n' ' '
+    ;;
+setup)
+    mkdir -p $W/A
+    if [ ! -d /tmp/site/mlx ]; then
+        cat $STASH/A_* | tar xf - -C $W/A
+        mkdir -p /tmp/site
+        cat $W/A/mlx/part_aa $W/A/mlx/part_ab | tar xJf - -C /tmp/site
+        for w in $W/A/wheels/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
+        # .pth files (the plugin's start-up hook) are read in site dirs only
+        echo 'import site; site.addsitedir("/tmp/site")' > /tmp/site/sitecustomize.py
+    fi
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    if [ ! -d $W/smollm2 ]; then
+        python3 $W/A/gguf_to_mlx.py $W/A/smollm2.gguf $W/smollm2 bfloat16 > $W/convert_smollm2.log 2>&1
+    fi
+    python3 -c "import mlx.core as mx, mlx_lm, mlx_lm_optiq.shim as s; print('mlx', mx.__version__, mx.default_device(), 'mlx-lm', mlx_lm.__version__)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    ;;
+start)
+    name=${1:?NAME}; shift
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    # a new session: it runs on after this call returns, until the machine goes back
+    setsid nohup bash -c "$* ; echo \$? > $W/$name.rc" > $W/$name.log 2>&1 < /dev/null &
+    echo "started $name"
+    ;;
+wait)
+    name=${1:?NAME}; limit=${2:-540}; t=0
+    while [ ! -f $W/$name.rc ] && [ $t -lt "$limit" ]; do sleep 5; t=$((t + 5)); done
+    tail -n 25 $W/$name.log
+    [ -f $W/$name.rc ] && echo "$name exited $(cat $W/$name.rc)" || echo "$name still running"
+    ;;
+qwen)
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    mkdir -p $W/B
+    [ -f $W/B/part22.bin ] || cat $STASH/B_* | tar xf - -C $W/B
+    [ -d $W/qwen ] || python3 benchmarks/convert_gguf.py "$W/B/part*.bin" $W/qwen --dtype bfloat16
+    ;;
+study-smollm2)
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    python3 benchmarks/allocation.py --model $W/smollm2 --data $W/A/gsm8k \
+        --name smollm2-135m --bases q50,q40 --reference --seeds 4 --jobs "${JOBS:-8}" \
+        --work $W/smollm2_work --out-dir $W/results
+    ;;
+study-qwen)
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    bash "$0" qwen
+    common=(--model $W/qwen --data $W/A/gsm8k --name qwen2.5-coder-1.5b --bases q50
+            --seeds 4 --jobs "${JOBS:-4}" --sensitivity-samples 16
+            --work $W/qwen_work --out-dir $W/results)
+    # the rows that need no winner first, while the SmolLM2 study may still run
+    python3 benchmarks/allocation.py "${common[@]}" --rows default,constant_all
+    while [ ! -f $W/smollm2.rc ]; do sleep 5; done
+    python3 benchmarks/allocation.py "${common[@]}" --rows default,constant_all,winner \
+        --winner-from $W/results/allocation_smollm2-135m.json --gsm8k 219
+    ;;
+collect)
+    mkdir -p "$OUT"
+    for f in "$@"; do [ -e "$f" ] && cp -r "$f" "$OUT/" || echo "no $f"; done
+    ;;
+*)
+    echo "unknown command $cmd" >&2; exit 2
+    ;;
+esac
