@@ -27,7 +27,8 @@ failure = None
 
 
 def disabled():
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false")
+    """``MLX_LM_OPTIQ_DISABLE`` is ``1``, ``true`` or ``yes`` (any case)."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class _HookedLoader:

@@ -351,6 +351,25 @@ def check_modules_fit(source, modules, dims):
             )
 
 
+def load_tensors(path):
+    """``{tensor name: mx.array}`` of a safetensors file (header checked first)."""
+    import mlx.core as mx
+
+    read_safetensors_header(path)
+    return mx.load(str(path))
+
+
+def check_finite(tensors, source, hint=""):
+    """Refuse adapter tensors that hold NaN or inf."""
+    import mlx.core as mx
+
+    bad = [name for name, w in tensors.items() if not mx.all(mx.isfinite(w)).item()]
+    if bad:
+        raise OptiqError(
+            f"{len(bad)} tensors hold NaN or inf (e.g. {bad[0]}){hint}", source
+        )
+
+
 def load_modules(adapter_dir):
     """``{module path: (lora_a (in, r), lora_b (r, out), scale)}`` and the dropout.
 
@@ -378,8 +397,7 @@ def load_modules(adapter_dir):
             f"only LoRA adapters export (not {config['fine_tune_type']})",
             adapter_dir / CONFIG,
         )
-    read_safetensors_header(adapter_dir / MLX_WEIGHTS)  # a clear error first
-    weights = mx.load(str(adapter_dir / MLX_WEIGHTS))
+    weights = load_tensors(adapter_dir / MLX_WEIGHTS)
     modules = {
         name[: -len(".lora_a")]: (
             weights[name],

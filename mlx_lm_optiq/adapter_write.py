@@ -16,7 +16,9 @@ Every file goes through :mod:`mlx_lm_optiq.atomic`.
 from pathlib import Path
 
 from . import __version__
-from .adapter_read import PEFT_LEAVES, peft_key
+from .adapter_read import PEFT_LEAVES
+from .adapter_read import check_finite as check_tensors_finite
+from .adapter_read import load_tensors, peft_key
 from .atomic import atomic_write
 from .errors import OptiqError
 from .ranks import constant_parameters, distribution, parameter_count
@@ -145,16 +147,8 @@ def sidecar(run):
 
 def check_finite(adapter_file: Path):
     """Refuse to call an adapter trained if any tensor in it is NaN or inf."""
-    import mlx.core as mx
-
-    bad = [
-        name
-        for name, w in mx.load(str(adapter_file)).items()
-        if not mx.all(mx.isfinite(w)).item()
-    ]
-    if bad:
-        raise OptiqError(
-            f"{len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); "
-            "training diverged — lower the learning rate or the scale",
-            adapter_file,
-        )
+    check_tensors_finite(
+        load_tensors(adapter_file),
+        adapter_file,
+        "; training diverged — lower the learning rate or the scale",
+    )

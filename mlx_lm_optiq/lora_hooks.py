@@ -6,16 +6,18 @@ place that ties the rest together: metadata in (:mod:`.metadata`), ranks out
 (:mod:`.ranks`), adapter written (:mod:`.adapter_write`), adapter read back
 (:mod:`.adapter_read`), on mlx-lm's LoRA layers (:mod:`.lora_layers`).
 
-A run's plan is written into the adapter directory as the sidecar before
-training starts, and read back from there once the weights are saved; no
-state is kept in between.
+A run trains into a staging directory beside ``--adapter-path``; its plan is
+written there as the sidecar before training starts and read back once the
+weights are saved (no state is kept in between), and the finished set
+replaces the adapter directory only then.
 """
 
 import copy
+import os
 from pathlib import Path
 from typing import Optional
 
-from . import adapter_read, adapter_write, lora_layers, metadata, plugins, ranks
+from . import adapter_read, adapter_write, atomic, lora_layers, metadata, plugins, ranks
 from .atomic import atomic_write_json
 from .errors import OptiqError
 from .hookspecs import Run
@@ -156,33 +158,106 @@ def lora_parameters_for(args, model):
             f"mlx-lm-optiq could not choose the ranks ({type(e).__name__}: {e}); "
             "this is a bug, please report it"
         ) from e
+    staging = stage(args)
     if _is_main_process():
-        adapter_dir = Path(args.adapter_path)
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            adapter_dir / adapter_read.SIDECAR, adapter_write.sidecar(run)
-        )
+        atomic_write_json(staging / adapter_read.SIDECAR, adapter_write.sidecar(run))
     return run.lora_parameters
 
 
-@hookimpl
-def mlx_lm_lora_adapter_saved(args, model, adapter_path):
-    if getattr(args, "rank_scaling", None) is None or not _is_main_process():
-        return
-    adapter_dir = Path(adapter_path)
-    sidecar = adapter_dir / adapter_read.SIDECAR
-    run = read_run(adapter_dir)
-    try:
-        plugins.get_plugin_manager().hook.optiq_adapter_saved(
-            run=run, adapter_dir=adapter_dir
+STAGING = "partial"
+
+
+def stage(args):
+    """Point mlx-lm at a new directory beside ``--adapter-path`` for this run.
+
+    mlx-lm writes its config, checkpoints and weights there; the finished set
+    replaces the adapter directory only once the run has succeeded
+    (:func:`finish`), so an interrupted or diverged run leaves a previous
+    adapter as it was. Every process of a distributed run agrees on the name.
+    """
+    import secrets
+
+    import mlx.core as mx
+
+    target = Path(args.adapter_path)
+    for place in (target, target.parent):
+        if place.exists() and not os.access(place, os.W_OK | os.X_OK):
+            raise OptiqError(
+                "is not writable: the adapter can't be saved there; pick another "
+                "--adapter-path or make it writable",
+                place,
+            )
+    group = mx.distributed.init()
+    token = 0
+    if group.rank() == 0:  # made before the others learn its name
+        token = secrets.randbits(31)
+        staging = atomic.new_dir_beside(target, STAGING, f"{token:08x}")
+        print(
+            f"training into {staging}; {target} becomes this adapter once training "
+            "has finished and its weights are finite, and stays as it is otherwise"
         )
-    except OptiqError:
-        sidecar.unlink(missing_ok=True)  # not a trained adapter
-        raise
-    print(
-        f"adapter with per-module ranks saved to {adapter_dir} "
-        f"(inspect with: python -m mlx_lm_optiq.info {adapter_dir})"
-    )
+    if group.size() > 1:  # rank 0's choice, for everyone
+        token = mx.distributed.all_sum(mx.array(token), group=group).item()
+    staging = target.with_name(f"{target.name}.{STAGING}-{token:08x}")
+    args.adapter_path = str(staging)
+    return staging
+
+
+def target_of(staging):
+    """The adapter directory a staging directory of :func:`stage` is for."""
+    staging = Path(staging)
+    name, sep, token = staging.name.rpartition(f".{STAGING}-")
+    return staging.with_name(name) if sep and len(token) == 8 else None
+
+
+def finish(args, staging):
+    """Move a finished run from ``staging`` into its adapter directory."""
+    target = target_of(staging)
+    config = adapter_read.read_json(staging / adapter_read.CONFIG)
+    config["adapter_path"] = str(target)
+    atomic_write_json(staging / adapter_read.CONFIG, config)
+    try:
+        atomic.replace_dir(staging, target)
+    except OSError as e:
+        raise OptiqError(
+            f"could not move the finished adapter from {staging} into place: {e}",
+            target,
+        ) from e
+    args.adapter_path = str(target)
+    return target
+
+
+@hookimpl(wrapper=True)
+def mlx_lm_lora_adapter_saved(args, model, adapter_path):
+    """Complete the staged adapter, let other plugins act on it, then move it
+    into place (a wrapper: before and after every other implementation)."""
+    import mlx.core as mx
+
+    staging = Path(adapter_path)
+    staged = getattr(args, "rank_scaling", None) is not None
+    ours = staged and _is_main_process()
+    if ours:
+        run = read_run(staging)
+        try:
+            plugins.get_plugin_manager().hook.optiq_adapter_saved(
+                run=run, adapter_dir=staging
+            )
+        except OptiqError as e:
+            raise OptiqError(
+                f"{e}\n{target_of(staging)} is unchanged; this run's files are in "
+                f"{staging}"
+            ) from e
+    result = yield
+    group = mx.distributed.init()
+    if staged and group.size() > 1:  # every process's plugins are done with it
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+    if ours:
+        adapter_dir = finish(args, staging) if target_of(staging) else staging
+        print(
+            f"adapter with per-module ranks saved to {adapter_dir} "
+            f"(inspect with: python -m mlx_lm_optiq.info {adapter_dir})"
+        )
+    return result
 
 
 @hookimpl
@@ -213,12 +288,11 @@ def mlx_lm_load_adapters(model, adapter_path):
             config_file,
         )
     adapter_read.check_tensors_fit(weights_file, shapes, expected, pattern)
-    if inferred is None:
-        return None  # stock loading gets it right
-    lora_layers.convert(
-        model, config["num_layers"], {**lora, "rank_pattern": inferred}, use_dora
-    )
-    return lora_layers.load_weights(model, weights_file)
+    tensors = adapter_read.load_tensors(weights_file)
+    adapter_read.check_finite(tensors, weights_file)
+    params = {**lora, "rank_pattern": pattern} if pattern else lora
+    lora_layers.convert(model, config["num_layers"], params, use_dora)
+    return lora_layers.load_weights(model, tensors)
 
 
 def load_peft_adapter(model, adapter_dir):
@@ -230,6 +304,11 @@ def load_peft_adapter(model, adapter_dir):
     adapter_dir = Path(adapter_dir)
     adapter_write.check_peft_architecture(getattr(model, "model_type", None))
     modules, dropout = adapter_read.load_modules(adapter_dir)
+    adapter_read.check_finite(
+        {f"{p}.{leaf}": w for p, (a, b, _) in modules.items()
+         for leaf, w in (("lora_a", a), ("lora_b", b))},
+        adapter_dir / adapter_read.PEFT_WEIGHTS,
+    )  # fmt: skip
     adapter_read.check_modules_fit(
         adapter_dir / adapter_read.PEFT_WEIGHTS,
         modules,

@@ -160,9 +160,9 @@ def convert(model, num_layers, lora_parameters, use_dora=False):
     return model
 
 
-def load_weights(model, weights_file):
-    """Load adapter tensors into a converted model."""
-    model.load_weights(list(mx.load(str(weights_file)).items()), strict=False)
+def load_weights(model, tensors):
+    """Load adapter tensors (``{name: array}``) into a converted model."""
+    model.load_weights(list(tensors.items()), strict=False)
     return model
 
 

@@ -70,6 +70,8 @@ def _load_json(path: Path):
         return json.loads(raw), hashlib.sha256(raw).hexdigest()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OptiqError(f"not valid JSON ({e})", path) from None
+    except RecursionError:
+        raise OptiqError("not metadata: its JSON is nested too deeply", path) from None
 
 
 def _check_bits(path, key, bits):
@@ -99,7 +101,10 @@ def read_optiq_metadata(path: Path, name: str) -> Source:
     data, sha = _load_json(path)
     per_layer = data.get("per_layer") if isinstance(data, dict) else None
     if per_layer is None and isinstance(data, dict):
-        per_layer = (data.get("optimization") or {}).get("per_layer")
+        optimization = data.get("optimization") or {}
+        if not isinstance(optimization, dict):
+            raise OptiqError("'optimization' must be an object", path)
+        per_layer = optimization.get("per_layer")
     if not isinstance(per_layer, dict):
         raise OptiqError(
             "no 'per_layer' mapping (top level or under 'optimization')", path
@@ -120,10 +125,24 @@ def read_sensitivity(path: Path) -> Source:
     if not isinstance(layers, list):
         raise OptiqError("no 'layers' list", path)
     candidates = data.get("candidate_bits") or []
+    if not isinstance(candidates, list) or not all(
+        isinstance(b, int) and not isinstance(b, bool) for b in candidates
+    ):
+        raise OptiqError(
+            f"'candidate_bits' must be a list of bit-widths, got {candidates!r}", path
+        )
     source = Source(SENSITIVITY, path, sha256=sha)
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict) or "layer_name" not in layer:
             raise OptiqError(f"layers[{i}] has no 'layer_name'", path)
+        if not isinstance(layer["layer_name"], str) or not layer["layer_name"]:
+            raise OptiqError(
+                f"layers[{i}]: 'layer_name' must be a module path, got "
+                f"{layer['layer_name']!r}",
+                path,
+            )
+        if layer.get("skipped"):
+            continue  # not quantizable: measured nothing (see sensitivity.py)
         sens = layer.get("sensitivities")
         if not isinstance(sens, dict) or not sens:
             raise OptiqError(f"{layer['layer_name']}: no 'sensitivities'", path)

@@ -136,10 +136,29 @@ def register_guarded(pm, plugin, name, label=None):
         if opts is None:
             continue
         function = getattr(plugin, attr)
-        if not (opts.get("wrapper") or opts.get("hookwrapper")):
+        if opts.get("wrapper"):
+            function = _mark_wrapper(function, name)
+        elif not opts.get("hookwrapper"):
             function = _guard(pm, function, name, label)
         setattr(guarded, attr, function)
     pm.register(guarded, name=name)
+
+
+def _mark(error, name):
+    if getattr(error, "mlx_lm_plugin", None) is None:
+        error.mlx_lm_plugin = name
+
+
+def _mark_wrapper(function, name):
+    @functools.wraps(function)
+    def marked(*args, **kwargs):
+        try:
+            return (yield from function(*args, **kwargs))
+        except (ValueError, OSError) as e:
+            _mark(e, name)
+            raise
+
+    return marked
 
 
 def _guard(pm, function, name, label):
@@ -148,8 +167,7 @@ def _guard(pm, function, name, label):
         try:
             return function(*args, **kwargs)
         except (ValueError, OSError) as e:
-            if getattr(e, "mlx_lm_plugin", None) is None:
-                e.mlx_lm_plugin = name
+            _mark(e, name)
             raise
         except (Exception, SystemExit) as e:
             if pm.get_plugin(name) is not None:

@@ -81,10 +81,11 @@ def _sensitivity_modules(source_path, candidates):
     with open(source_path) as f:
         doc = json.load(f)
     read_sensitivity(source_path)  # validates: names the file and the problem
+    measured = [l for l in doc["layers"] if not l.get("skipped")]
     missing = [
         b
         for b in candidates
-        if str(b) not in {k for l in doc["layers"] for k in l["sensitivities"]}
+        if str(b) not in {k for l in measured for k in l["sensitivities"]}
     ]
     if missing:
         raise OptiqError(
@@ -98,7 +99,7 @@ def _sensitivity_modules(source_path, candidates):
             {int(b): kl for b, kl in layer["sensitivities"].items()},
         )
         for layer in doc["layers"]
-    }
+    }, {layer["layer_name"] for layer in doc["layers"] if layer.get("skipped")}
 
 
 def quantize(args):
@@ -106,7 +107,7 @@ def quantize(args):
     import mlx_lm
     from mlx_lm.utils import quantize_model, save
 
-    from .sensitivity import block_linears
+    from .sensitivity import block_linears, unquantizable
 
     model_path = Path(args.model)
     sensitivity = (
@@ -118,7 +119,7 @@ def quantize(args):
             f"python -m mlx_lm_optiq.sensitivity {model_path} --data DIR",
             sensitivity,
         )
-    modules = _sensitivity_modules(sensitivity, args.bits)
+    modules, not_measured = _sensitivity_modules(sensitivity, args.bits)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):  # before the slow part
         raise OptiqError("exists and is not empty; remove it or pick another path", out)
@@ -146,12 +147,40 @@ def quantize(args):
             sensitivity,
         )
 
-    chosen, achieved = choose_bits(modules, args.bits, args.group_size, args.target_bpw)
+    # as mlx-lm does: a module whose input doesn't split into groups stays float
+    kept_float = {
+        p: why for p, m in linears.items() if (why := unquantizable(m, args.group_size))
+    }
+    unmeasured = sorted(not_measured - set(kept_float))
+    if unmeasured:
+        raise OptiqError(
+            f"{len(unmeasured)} modules were not measured (e.g. {unmeasured[0]}) but "
+            f"quantize at group size {args.group_size}; measure with this group size",
+            sensitivity,
+        )
+    if kept_float:
+        names = sorted(kept_float)
+        print(
+            f"note: {len(kept_float)} modules stay unquantized ({kept_float[names[0]]}"
+            f"{', and others' if len(names) > 1 else ''}): {', '.join(names[:3])}"
+            + (f", … ({len(names)} in all)" if len(names) > 3 else "")
+        )
+    quantized = {p: v for p, v in modules.items() if p not in kept_float}
+    if not quantized:
+        raise OptiqError(
+            f"no block linear module can be quantized at group size {args.group_size}",
+            model_path,
+        )
+    chosen, achieved = choose_bits(
+        quantized, args.bits, args.group_size, args.target_bpw
+    )
     top = {"bits": max(args.bits), "group_size": args.group_size}
 
     def predicate(path, module):
         if path in chosen:
             return {"bits": chosen[path], "group_size": args.group_size}
+        if path in kept_float:
+            return False
         return dict(top) if isinstance(module, (nn.Linear, nn.Embedding)) else False
 
     model, config = quantize_model(
@@ -168,7 +197,11 @@ def quantize(args):
         "candidate_bits": args.bits,
         "group_size": args.group_size,
         "per_layer": {
-            p: {"bits": b, "group_size": args.group_size} for p, b in chosen.items()
+            **{
+                p: {"bits": b, "group_size": args.group_size} for p, b in chosen.items()
+            },
+            # OptiQ's way of recording a float layer
+            **{p: {"bits": 16, "kept_float": why} for p, why in kept_float.items()},
         },
         "other_modules": top,
     }

@@ -172,12 +172,30 @@ def measure(args):
     mx.eval(reference)
 
     layers = []
-    todo = [(p, m) for p, m in targets if p not in done]
+    skipped = {p: why for p, m in targets if (why := unquantizable(m, args.group_size))}
+    if skipped:
+        print(
+            f"note: {len(skipped)} modules can't be quantized at group size "
+            f"{args.group_size} and stay unquantized, as mlx-lm leaves them: "
+            f"{_names(skipped)}"
+        )
+    todo = [(p, m) for p, m in targets if p not in done and p not in skipped]
     bar = tqdm(total=len(todo) * len(args.bits), desc="sensitivity", unit="quant")
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, module in targets:
         if path in done:
             layers.append(done[path])
+            continue
+        if path in skipped:
+            in_dims, out_dims = as_float(module).weight.shape[::-1]
+            layers.append(
+                {
+                    "layer_name": path,
+                    "skipped": skipped[path],
+                    "sensitivities": {},
+                    "param_count": in_dims * out_dims,
+                }
+            )
             continue
         sensitivities = {}
         for bits in args.bits:
@@ -199,12 +217,34 @@ def measure(args):
         _write(out, settings, layers, complete=False)
     bar.close()
     _write(out, settings, layers, complete=True)
-    worst = max(layers, key=lambda l: l["sensitivities"][str(min(args.bits))])
-    print(
-        f"wrote {out}: {len(layers)} modules; most sensitive at {min(args.bits)} bits: "
-        f"{worst['layer_name']} (KL {worst['sensitivities'][str(min(args.bits))]:.4g})"
-    )
+    measured = [l for l in layers if not l.get("skipped")]
+    lowest = str(min(args.bits))
+    line = f"wrote {out}: {len(measured)} modules measured"
+    if skipped:
+        line += f", {len(skipped)} skipped (not quantizable)"
+    if measured:
+        worst = max(measured, key=lambda l: l["sensitivities"][lowest])
+        line += (
+            f"; most sensitive at {lowest} bits: {worst['layer_name']} "
+            f"(KL {worst['sensitivities'][lowest]:.4g})"
+        )
+    print(line)
     return out
+
+
+def unquantizable(module, group_size):
+    """Why mlx-lm would leave ``module`` unquantized at ``group_size``, or ``None``."""
+    in_dims = as_float(module).weight.shape[-1]
+    if in_dims % group_size:
+        return f"input dimension {in_dims} is not a multiple of the group size {group_size}"
+    return None
+
+
+def _names(modules, n=3):
+    names = sorted(modules)
+    return ", ".join(names[:n]) + (
+        f", … ({len(names)} in all)" if len(names) > n else ""
+    )
 
 
 def _write(out, settings, layers, complete):

@@ -242,11 +242,21 @@ def build_parser():
 
 
 def main(argv=None):
+    from . import _startup
+
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()
         return 0
+    if _startup.disabled():
+        print(
+            f"error: {_startup.DISABLE_ENV} is set, and serving adapters of mixed "
+            "ranks needs the plugin; unset it, or serve stock adapters with "
+            "mlx_lm.server",
+            file=sys.stderr,
+        )
+        return 2
     registry = AdapterRegistry()
     for name, path in args.adapter:
         try:

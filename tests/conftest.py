@@ -30,8 +30,11 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
-def run(cmd, env=None, check=True, timeout=300, cwd=None):
-    """Run ``cmd`` (a list) with the test interpreter's tools on PATH."""
+def run(cmd, env=None, check=True, timeout=300, cwd=None, **popen):
+    """Run ``cmd`` (a list) with the test interpreter's tools on PATH.
+
+    ``popen``: more ``subprocess.run`` arguments (``umask``, ``preexec_fn``).
+    """
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     full_env.pop("MLX_LM_OPTIQ_DISABLE", None)
     full_env.update(env or {})
@@ -42,6 +45,7 @@ def run(cmd, env=None, check=True, timeout=300, cwd=None):
         env=full_env,
         timeout=timeout,
         cwd=cwd,
+        **popen,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -51,9 +55,9 @@ def run(cmd, env=None, check=True, timeout=300, cwd=None):
     return proc
 
 
-def lora(*args, env=None, check=True):
+def lora(*args, env=None, check=True, **popen):
     """The real ``mlx_lm.lora`` console script in a subprocess."""
-    return run([BIN / "mlx_lm.lora", *args], env=env, check=check)
+    return run([BIN / "mlx_lm.lora", *args], env=env, check=check, **popen)
 
 
 MLX_LM_SDIST = "mlx-lm==0.32.2"
@@ -178,3 +182,15 @@ def expected_by_bits(model_path, base_rank, layers):
         for path in tiny_model.linear_dims(model_path)
         if int(path.split(".")[2]) >= n - layers
     }
+
+
+def entry_point_plugin(root, name, source, group="mlx_lm_optiq"):
+    """A plugin module installed through a real entry point: a ``.dist-info``
+    directory and the module, in ``root/site-NAME`` (put it on PYTHONPATH)."""
+    site = Path(root) / f"site-{name}"
+    dist = site / f"{name}-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{name} = {name}_plugin\n")
+    (site / f"{name}_plugin.py").write_text(source)
+    return site

@@ -250,3 +250,81 @@ def test_old_policy_signature_still_works_with_a_deprecation_warning():
     new = assign("new", 4, facts, {"a": 1, "b": 1}, "free", said.append, policies)
     assert old == new == {"a": 8, "b": 8}
     assert said == ["old style", "new style"]
+
+
+BROKEN = {
+    "raises_registering": (
+        "mlx_lm_optiq",
+        "from mlx_lm_optiq.hookspecs import hookimpl\n"
+        "@hookimpl\ndef optiq_register_rank_policies(register):\n"
+        "    raise RuntimeError('boom')\n",
+        "mlx-lm-optiq: disabled plugin 'raises_registering': "
+        "optiq_register_rank_policies raised RuntimeError: boom",
+    ),
+    "raises_in_mlx_lm": (
+        "mlx_lm",
+        "import pluggy\nhookimpl = pluggy.HookimplMarker('mlx_lm')\n"
+        "@hookimpl\ndef mlx_lm_lora_add_arguments(parser):\n"
+        "    raise KeyError('no such option')\n",
+        "mlx_lm: disabled plugin 'raises_in_mlx_lm': mlx_lm_lora_add_arguments "
+        "raised KeyError: 'no such option'",
+    ),
+    "exits_on_import": (
+        "mlx_lm_optiq",
+        "import sys\nsys.exit('I quit')\n",
+        "mlx-lm-optiq: skipped plugin 'exits_on_import' (exits_on_import_plugin): "
+        "SystemExit: I quit",
+    ),
+    "exits_in_mlx_lm": (
+        "mlx_lm",
+        "import sys\nsys.exit(3)\n",
+        "mlx_lm: skipped plugin 'exits_in_mlx_lm' (exits_in_mlx_lm_plugin): "
+        "SystemExit: 3",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_broken_third_party_plugin_disables_only_itself(
+    name, tmp_path, mixed_model, data_dir
+):
+    from conftest import entry_point_plugin
+
+    group, source, line = BROKEN[name]
+    env = {"PYTHONPATH": str(entry_point_plugin(tmp_path, name, source, group))}
+    proc = lora("--help", env=env)
+    assert "--rank-scaling" in proc.stdout and "--model" in proc.stdout
+    assert [l for l in proc.stderr.splitlines() if name in l] == [line]
+    # stock training stays stock; the plugin's own options keep working
+    for extra in ([], ["--rank-scaling", "by_bits", "--rank", "4"]):
+        out = tmp_path / f"a{len(extra)}"
+        proc = lora(
+            "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, *extra,
+            "--adapter-path", out, env=env,
+        )  # fmt: skip
+        assert (out / "adapters.safetensors").is_file()
+        assert [l for l in proc.stderr.splitlines() if name in l] == [line]
+    ranks = mlx_ranks(read_safetensors_header(out / "adapters.safetensors"))
+    assert sorted(set(ranks.values())) == [4, 8]
+
+
+def test_a_plugin_stops_the_command_on_purpose_with_one_line(
+    tmp_path, mixed_model, data_dir
+):
+    """An ``OptiqError`` (a ValueError) from a hook is the plugin saying no."""
+    from conftest import entry_point_plugin
+
+    source = (
+        "from mlx_lm_optiq.errors import OptiqError\n"
+        "from mlx_lm_optiq.hookspecs import hookimpl\n"
+        "@hookimpl\ndef optiq_adapter_saved(run, adapter_dir):\n"
+        "    raise OptiqError('refused by policy', adapter_dir / 'x.json')\n"
+    )
+    env = {"PYTHONPATH": str(entry_point_plugin(tmp_path, "refuser", source))}
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--rank-scaling",
+        "by_bits", "--adapter-path", tmp_path / "a", env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "refused by policy" in proc.stderr.strip().splitlines()[-2]
+    assert not (tmp_path / "a").exists()  # the run stays in its partial directory

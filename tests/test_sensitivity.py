@@ -195,3 +195,43 @@ def test_quantize_refuses_bad_input(measured, quantized, tmp_path):
     proc = tool("quantize", out, "-o", tmp_path / "x", "--target-bpw", "5", check=False)
     assert proc.returncode == 1 and "already quantized" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_modules_that_dont_fit_the_group_size_stay_unquantized(
+    models, data_dir, tmp_path
+):
+    """Hidden size 96 at group size 64: the projections reading the hidden
+    state can't be quantized (mlx-lm leaves them float); down_proj (192) can."""
+    model = tiny_model.build_model(
+        models / "llama-96", quantize=None, hidden=96, intermediate=192
+    )
+    measure = ["--group-size", "64", "--samples", "4", "--max-seq-length", "16"]
+    proc = tool("sensitivity", model, "--data", data_dir, *measure)
+    assert "note: 24 modules can't be quantized at group size 64" in proc.stdout
+    assert "4 modules measured, 24 skipped (not quantizable)" in proc.stdout
+    doc = json.loads((model / "optiq" / "sensitivity.json").read_text())
+    layers = {l["layer_name"]: l for l in doc["layers"]}
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert q["skipped"] == "input dimension 96 is not a multiple of the group size 64"
+    assert q["sensitivities"] == {}
+    assert layers["model.layers.0.mlp.down_proj"]["sensitivities"]["4"] > 0
+
+    out = tmp_path / "q"
+    proc = tool("quantize", model, "-o", out, "--target-bpw", "6", "--group-size", "64")
+    assert "note: 24 modules stay unquantized" in proc.stdout
+    meta = json.loads((out / "optiq" / "metadata.json").read_text())
+    assert meta["per_layer"]["model.layers.0.self_attn.q_proj"]["bits"] == 16
+    loaded, _ = mlx_lm.load(str(out))
+    modules = dict(loaded.named_modules())
+    assert type(modules["model.layers.0.self_attn.q_proj"]) is nn.Linear
+    assert isinstance(modules["model.layers.0.mlp.down_proj"], nn.QuantizedLinear)
+
+    adapter = tmp_path / "a"
+    lora(
+        "--model", out, "--data", data_dir, *TRAIN_ARGS, "--num-layers", "1",
+        "--rank-scaling", "by_bits", "--rank", "2", "--adapter-path", adapter,
+    )  # fmt: skip
+    ranks = mlx_ranks(read_safetensors_header(adapter / "adapters.safetensors"))
+    assert ranks["model.layers.3.self_attn.q_proj"] == 8  # float: 16 bits -> 4x
+    down_bits = meta["per_layer"]["model.layers.3.mlp.down_proj"]["bits"]
+    assert ranks["model.layers.3.mlp.down_proj"] == 2 * down_bits // 4

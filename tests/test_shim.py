@@ -156,3 +156,26 @@ def test_pip_install_activates_and_uninstall_removes(venv, tmp_path, kind):
     assert not pth.exists()
     proc = run([python, "-c", FINDER], cwd=tmp_path)
     assert proc.stdout.strip() != "PostImportFinder" and proc.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "value, off",
+    [("1", True), ("true", True), ("YES", True), (" Yes ", True),
+     ("0", False), ("no", False), ("off", False), ("false", False), ("", False)],
+)  # fmt: skip
+def test_only_1_true_yes_disable(value, off):
+    code = "import sys; print(any(type(f).__name__ == 'PostImportFinder' for f in sys.meta_path))"
+    proc = run([sys.executable, "-c", code], env={"MLX_LM_OPTIQ_DISABLE": value})
+    assert proc.stdout.strip() == ("False" if off else "True")
+
+
+def test_serve_says_it_needs_the_plugin_when_disabled(tmp_path):
+    proc = run(
+        [sys.executable, "-m", "mlx_lm_optiq.serve", "--model", tmp_path],
+        env={"MLX_LM_OPTIQ_DISABLE": "1"}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: MLX_LM_OPTIQ_DISABLE is set, and serving adapters of mixed ranks "
+        "needs the plugin; unset it, or serve stock adapters with mlx_lm.server"
+    )
