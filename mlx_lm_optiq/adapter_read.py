@@ -10,10 +10,13 @@ only the safetensors header (through ``safetensors``), so it needs no mlx.
 
 import json
 import math
-import re
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
+
+import regex
 
 from .errors import OptiqError
 
@@ -49,9 +52,7 @@ def read_safetensors_header(path: Path) -> Dict[str, tuple]:
     """``{tensor name: shape}`` from a safetensors file, without loading it."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise OptiqError("no such file", path)
+    path = regular_file(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -110,12 +111,32 @@ def peft_units(shapes) -> Dict[str, int]:
     )
 
 
-def read_json(path: Path) -> dict:
+MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+def regular_file(path: Path) -> Path:
+    """``path``, if it is a regular file (after links): never a FIFO or device."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise OptiqError("no such file", path) from None
+    if not stat.S_ISREG(mode):
+        raise OptiqError("not a regular file", path)
+    return Path(path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a regular file of at most 16 MiB."""
+    with open(regular_file(path), "rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise OptiqError(f"larger than {MAX_JSON_BYTES >> 20} MiB: not a config", path)
+    try:
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OptiqError(f"not valid JSON ({e})", path) from None
+    except RecursionError:
+        raise OptiqError("not a config: its JSON is nested too deeply", path) from None
     if not isinstance(data, dict):
         raise OptiqError("expected a JSON object", path)
     return data
@@ -205,14 +226,24 @@ def is_peft_dir(adapter_dir) -> bool:
     ).is_file()
 
 
-def peft_pattern_key(patterns, path):
+def peft_pattern_key(patterns, path, source=None):
     """The first key of a PEFT ``rank_pattern``/``alpha_pattern`` that names ``path``.
 
     PEFT treats each key as a regex matched against the end of the module
-    path on a dot boundary, first key first.
+    path on a dot boundary, first key first. Matched with ``regex``, which
+    backtracks sanely and takes a time limit, so a hostile key can't freeze
+    the process (``re`` holds the GIL while it backtracks).
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", path, timeout=0.25)
+        except TimeoutError:
+            raise OptiqError(
+                f"pattern {key!r} takes too long to match", source
+            ) from None
+        except (regex.error, TypeError) as e:
+            raise OptiqError(f"pattern {key!r} is not a regex ({e})", source) from None
+        if found:
             return key
     return None
 
@@ -268,23 +299,72 @@ def peft_import_plan(adapter_dir, config=None, shapes=None):
     ranks = peft_ranks(shapes)
     if not ranks:
         raise OptiqError("no LoRA tensors (…lora_A.weight)", weights)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    rank_pattern = _mapping(config, "rank_pattern", config_file)
+    alpha_pattern = _mapping(config, "alpha_pattern", config_file)
     base_r, base_alpha = config.get("r", 8), config.get("lora_alpha", 8)
     plan = {}
     for path, rank in ranks.items():
-        key = peft_pattern_key(rank_pattern, path)
+        key = peft_pattern_key(rank_pattern, path, config_file)
         expected = rank_pattern[key] if key else base_r
         if expected != rank:
             raise OptiqError(
                 f"{path} has rank {rank} but {config_file.name} says {expected}",
                 weights,
             )
-        key = peft_pattern_key(alpha_pattern, path)
-        alpha = alpha_pattern[key] if key else base_alpha
+        key = peft_pattern_key(alpha_pattern, path, config_file)
+        alpha = _number(
+            alpha_pattern[key] if key else base_alpha, "lora_alpha", config_file
+        )
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         plan[path] = (rank, scale)
-    return plan, config.get("lora_dropout", 0.0)
+    return plan, _number(config.get("lora_dropout", 0.0), "lora_dropout", config_file)
+
+
+def _mapping(config, key, source):
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise OptiqError(f"{key!r} must be an object, got {value!r}", source)
+    return value
+
+
+MAX_SCALE = 1e6
+
+
+def _number(value, what, source):
+    """A finite number of sane size (a LoRA scale, alpha or dropout)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or abs(value) > MAX_SCALE
+    ):
+        raise OptiqError(f"{what} must be a finite number, got {value!r}", source)
+    return float(value)
+
+
+def check_lora_tensors(modules, source):
+    """Refuse LoRA matrices that can't be one adapter: 2-D, ``lora_a`` (in, r)
+    and ``lora_b`` (r, out) with the same rank, floating point."""
+    import mlx.core as mx
+
+    for path, (lora_a, lora_b, _) in modules.items():
+        if lora_a.ndim != 2 or lora_b.ndim != 2:
+            raise OptiqError(
+                f"{path}: lora_a and lora_b must be matrices, got shapes "
+                f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}",
+                source,
+            )
+        if lora_a.shape[1] != lora_b.shape[0] or lora_a.shape[1] == 0:
+            raise OptiqError(
+                f"{path}: the ranks of lora_a {tuple(lora_a.shape)} and lora_b "
+                f"{tuple(lora_b.shape)} disagree",
+                source,
+            )
+        for w in (lora_a, lora_b):
+            if not mx.issubdtype(w.dtype, mx.floating):
+                raise OptiqError(f"{path}: tensors must be floating point", source)
 
 
 def mlx_rank_pattern(config, shapes) -> Optional[Dict[str, int]]:
@@ -381,30 +461,37 @@ def load_modules(adapter_dir):
     if is_peft_dir(adapter_dir):
         plan, dropout = peft_import_plan(adapter_dir)
         weights = mx.load(str(adapter_dir / PEFT_WEIGHTS))
-        modules = {
-            path: (
+        modules = {}
+        for path, (_, scale) in plan.items():
+            if peft_key(path, "lora_b") not in weights:
+                raise OptiqError(f"{path} has no lora_B", adapter_dir / PEFT_WEIGHTS)
+            modules[path] = (
                 weights[peft_key(path, "lora_a")].T,
                 weights[peft_key(path, "lora_b")].T,
                 scale,
             )
-            for path, (_, scale) in plan.items()
-        }
+        check_lora_tensors(modules, adapter_dir / PEFT_WEIGHTS)
         return modules, dropout
-    config = read_json(adapter_dir / CONFIG)
-    lora = config.get("lora_parameters") or {}
+    config_file = adapter_dir / CONFIG
+    config = read_json(config_file)
+    lora = _mapping(config, "lora_parameters", config_file)
     if config.get("fine_tune_type", "lora") != "lora":
         raise OptiqError(
-            f"only LoRA adapters export (not {config['fine_tune_type']})",
-            adapter_dir / CONFIG,
+            f"only plain LoRA adapters can be read here (not "
+            f"{config['fine_tune_type']!r})",
+            config_file,
         )
-    weights = load_tensors(adapter_dir / MLX_WEIGHTS)
-    modules = {
-        name[: -len(".lora_a")]: (
-            weights[name],
-            weights[name[: -len("a")] + "b"],
-            lora["scale"],
-        )
-        for name in weights
-        if name.endswith(".lora_a")
-    }
-    return modules, lora.get("dropout", 0.0)
+    weights_file = adapter_dir / MLX_WEIGHTS
+    weights = load_tensors(weights_file)
+    scale = _number(lora.get("scale"), "lora_parameters.scale", config_file)
+    modules = {}
+    for name in weights:
+        if name.endswith(".lora_a"):
+            other = name[: -len("a")] + "b"
+            if other not in weights:
+                raise OptiqError(f"{name} has no {other}", weights_file)
+            modules[name[: -len(".lora_a")]] = (weights[name], weights[other], scale)
+    if not modules:
+        raise OptiqError("the weights hold no LoRA tensors", weights_file)
+    check_lora_tensors(modules, weights_file)
+    return modules, _number(lora.get("dropout", 0.0), "dropout", config_file)

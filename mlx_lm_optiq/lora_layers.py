@@ -181,11 +181,16 @@ def lora_layers(model, modules, dropout=0.0):
     for path, (lora_a, lora_b, scale) in modules.items():
         # from_base draws a random lora_a that is replaced right away, as
         # mlx-lm's own adapter loading does
+        # around the base layer, also while another adapter's layer wraps it
         layer = LoRALinear.from_base(
-            base[path], r=lora_a.shape[1], scale=scale, dropout=dropout
+            base_layer(base[path]), r=lora_a.shape[1], scale=scale, dropout=dropout
         )
         layer.lora_a, layer.lora_b = lora_a, lora_b
         layers.append((path, layer))
+    # Each unused draw chains a lazy split onto MLX's global random key, which
+    # nothing evaluates while a server decodes greedily: collapse the chain,
+    # or every switch leaves it longer (~4 KB a layer).
+    mx.eval(mx.random.state)
     return layers
 
 

@@ -172,7 +172,7 @@ def test_served_adapter_with_left_out_modules(left_out, mixed_model):
     described = registry.add("a", left_out)
     model, _ = mlx_lm.load(str(mixed_model))
     registry.attach(model)
-    registry.activate(model, "a")
+    registry.activate(model, registry.key("a"))
     assert np.abs(logits(model) - expected).max() <= 1e-5
     ranks = mlx_ranks(read_safetensors_header(left_out / "adapters.safetensors"))
     assert described["modules"] == len(ranks)
