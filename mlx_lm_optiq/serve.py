@@ -186,8 +186,8 @@ class AtCapacity(OptiqError):
     """The registry holds ``--max-adapters`` adapters already (answered 409)."""
 
 
-class Refused(Exception):
-    """A request this server won't act on, answered 403 with the message."""
+class Refused(OptiqError):
+    """A request this server won't act on (answered 403)."""
 
 
 def inside(adapter_dir, path):
