@@ -13,11 +13,11 @@ replaces the adapter directory only then.
 """
 
 import copy
-import os
 from pathlib import Path
 from typing import Optional
 
-from . import adapter_read, adapter_write, atomic, lora_layers, metadata, plugins, ranks
+from . import adapter_read, adapter_write, lora_layers, metadata, plugins, ranks
+from . import staging as staging_dir
 from .atomic import atomic_write_json
 from .errors import OptiqError
 from .hookspecs import Run
@@ -158,73 +158,10 @@ def lora_parameters_for(args, model):
             f"mlx-lm-optiq could not choose the ranks ({type(e).__name__}: {e}); "
             "this is a bug, please report it"
         ) from e
-    staging = stage(args)
+    staging = staging_dir.stage(args)
     if _is_main_process():
         atomic_write_json(staging / adapter_read.SIDECAR, adapter_write.sidecar(run))
     return run.lora_parameters
-
-
-STAGING = "partial"
-
-
-def stage(args):
-    """Point mlx-lm at a new directory beside ``--adapter-path`` for this run.
-
-    mlx-lm writes its config, checkpoints and weights there; the finished set
-    replaces the adapter directory only once the run has succeeded
-    (:func:`finish`), so an interrupted or diverged run leaves a previous
-    adapter as it was. Every process of a distributed run agrees on the name.
-    """
-    import secrets
-
-    import mlx.core as mx
-
-    target = Path(args.adapter_path)
-    for place in (target, target.parent):
-        if place.exists() and not os.access(place, os.W_OK | os.X_OK):
-            raise OptiqError(
-                "is not writable: the adapter can't be saved there; pick another "
-                "--adapter-path or make it writable",
-                place,
-            )
-    group = mx.distributed.init()
-    token = 0
-    if group.rank() == 0:  # made before the others learn its name
-        token = secrets.randbits(31)
-        staging = atomic.new_dir_beside(target, STAGING, f"{token:08x}")
-        print(
-            f"training into {staging}; {target} becomes this adapter once training "
-            "has finished and its weights are finite, and stays as it is otherwise"
-        )
-    if group.size() > 1:  # rank 0's choice, for everyone
-        token = mx.distributed.all_sum(mx.array(token), group=group).item()
-    staging = target.with_name(f"{target.name}.{STAGING}-{token:08x}")
-    args.adapter_path = str(staging)
-    return staging
-
-
-def target_of(staging):
-    """The adapter directory a staging directory of :func:`stage` is for."""
-    staging = Path(staging)
-    name, sep, token = staging.name.rpartition(f".{STAGING}-")
-    return staging.with_name(name) if sep and len(token) == 8 else None
-
-
-def finish(args, staging):
-    """Move a finished run from ``staging`` into its adapter directory."""
-    target = target_of(staging)
-    config = adapter_read.read_json(staging / adapter_read.CONFIG)
-    config["adapter_path"] = str(target)
-    atomic_write_json(staging / adapter_read.CONFIG, config)
-    try:
-        atomic.replace_dir(staging, target)
-    except OSError as e:
-        raise OptiqError(
-            f"could not move the finished adapter from {staging} into place: {e}",
-            target,
-        ) from e
-    args.adapter_path = str(target)
-    return target
 
 
 @hookimpl(wrapper=True)
@@ -244,7 +181,7 @@ def mlx_lm_lora_adapter_saved(args, model, adapter_path):
             )
         except OptiqError as e:
             raise OptiqError(
-                f"{e}\n{target_of(staging)} is unchanged; this run's files are in "
+                f"{e}\n{staging_dir.target_of(staging)} is unchanged; this run's files are in "
                 f"{staging}"
             ) from e
     result = yield
@@ -252,7 +189,11 @@ def mlx_lm_lora_adapter_saved(args, model, adapter_path):
     if staged and group.size() > 1:  # every process's plugins are done with it
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
     if ours:
-        adapter_dir = finish(args, staging) if target_of(staging) else staging
+        adapter_dir = (
+            staging_dir.finish(args, staging)
+            if staging_dir.target_of(staging)
+            else staging
+        )
         print(
             f"adapter with per-module ranks saved to {adapter_dir} "
             f"(inspect with: python -m mlx_lm_optiq.info {adapter_dir})"

@@ -7,7 +7,6 @@ import mlx.core as mx
 import mlx_lm
 import mlx_lm.lora
 import numpy as np
-import pytest
 from conftest import TRAIN_ARGS, lora, read_json
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.datasets import load_dataset

@@ -5,7 +5,6 @@ with ``patches/`` applied.
 """
 
 import json
-import shutil
 import sys
 
 import mlx.core as mx

@@ -1,7 +1,6 @@
 """The package's shape: an import graph without circles, few floors, clean bottom."""
 
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -1,0 +1,76 @@
+"""A run's staging directory: where mlx-lm writes until the run has succeeded.
+
+A run with ``--rank-scaling`` trains into ``ADAPTER.partial-XXXXXXXX`` beside
+``--adapter-path`` (:func:`stage`); the finished set replaces the adapter
+directory in one rename only once the run has succeeded (:func:`finish`), so
+an interrupted or diverged run leaves a previous adapter as it was.
+"""
+
+import os
+from pathlib import Path
+
+from . import adapter_read, atomic
+from .atomic import atomic_write_json
+from .errors import OptiqError
+
+STAGING = "partial"
+
+
+def stage(args):
+    """Point mlx-lm at a new directory beside ``--adapter-path`` for this run.
+
+    mlx-lm writes its config, checkpoints and weights there; the finished set
+    replaces the adapter directory only once the run has succeeded
+    (:func:`finish`), so an interrupted or diverged run leaves a previous
+    adapter as it was. Every process of a distributed run agrees on the name.
+    """
+    import secrets
+
+    import mlx.core as mx
+
+    target = Path(args.adapter_path)
+    for place in (target, target.parent):
+        if place.exists() and not os.access(place, os.W_OK | os.X_OK):
+            raise OptiqError(
+                "is not writable: the adapter can't be saved there; pick another "
+                "--adapter-path or make it writable",
+                place,
+            )
+    group = mx.distributed.init()
+    token = 0
+    if group.rank() == 0:  # made before the others learn its name
+        token = secrets.randbits(31)
+        staging = atomic.new_dir_beside(target, STAGING, f"{token:08x}")
+        print(
+            f"training into {staging}; {target} becomes this adapter once training "
+            "has finished and its weights are finite, and stays as it is otherwise"
+        )
+    if group.size() > 1:  # rank 0's choice, for everyone
+        token = mx.distributed.all_sum(mx.array(token), group=group).item()
+    staging = target.with_name(f"{target.name}.{STAGING}-{token:08x}")
+    args.adapter_path = str(staging)
+    return staging
+
+
+def target_of(staging):
+    """The adapter directory a staging directory of :func:`stage` is for."""
+    staging = Path(staging)
+    name, sep, token = staging.name.rpartition(f".{STAGING}-")
+    return staging.with_name(name) if sep and len(token) == 8 else None
+
+
+def finish(args, staging):
+    """Move a finished run from ``staging`` into its adapter directory."""
+    target = target_of(staging)
+    config = adapter_read.read_json(staging / adapter_read.CONFIG)
+    config["adapter_path"] = str(target)
+    atomic_write_json(staging / adapter_read.CONFIG, config)
+    try:
+        atomic.replace_dir(staging, target)
+    except OSError as e:
+        raise OptiqError(
+            f"could not move the finished adapter from {staging} into place: {e}",
+            target,
+        ) from e
+    args.adapter_path = str(target)
+    return target
