@@ -92,7 +92,7 @@ def main():
     import mlx.core as mx
     import mlx_lm
 
-    from mlx_lm_optiq.serve import AdapterRegistry
+    from mlx_lm_optiq.registry import AdapterRegistry
 
     work = Path(tempfile.mkdtemp())
     if args.model is None:

@@ -1,11 +1,13 @@
 """The command-line boundary of every ``python -m mlx_lm_optiq.<command>``."""
 
+import argparse
 import sys
+from typing import Callable
 
 from .errors import OptiqError
 
 
-def run_command(action, args):
+def run_command(action: Callable[[argparse.Namespace], object], args) -> int:
     """Run ``action(args)``; what the user must fix exits 1 with one line."""
     try:
         action(args)

@@ -26,7 +26,7 @@ POST_IMPORT_HOOKS = {
 failure = None
 
 
-def disabled():
+def disabled() -> bool:
     """``MLX_LM_OPTIQ_DISABLE`` is ``1``, ``true`` or ``yes`` (any case)."""
     return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes")
 
@@ -73,7 +73,7 @@ class PostImportFinder:
         return spec
 
 
-def run_hook(hook, module):
+def run_hook(hook: str, module) -> None:
     """Call ``hook`` ("module:function") with ``module``; never raise.
 
     A failure leaves mlx-lm unpatched (it then behaves as stock) and prints
@@ -126,7 +126,7 @@ def _rank_scaling_requested(argv):
     return False
 
 
-def install():
+def install() -> None:
     """Register the post-import hook; patch right away what is already imported."""
     if disabled():
         return
@@ -137,7 +137,7 @@ def install():
             run_hook(hook, sys.modules[name])
 
 
-def uninstall():
+def uninstall() -> None:
     """Remove the finder and restore every patched mlx-lm function."""
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, PostImportFinder)]
     shim = sys.modules.get("mlx_lm_optiq.shim")

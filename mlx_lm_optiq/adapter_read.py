@@ -1,39 +1,32 @@
-"""Adapter read back: ranks, facts and tensors from an adapter directory.
+"""Adapter read back: the files of an adapter directory, checked.
 
-Reads our adapters, stock mlx-lm adapter directories, mlx-optiq 0.7.7 ones
-(``optiq_lora_config.json`` with ``applied_ranks`` keyed
-``layer_{i}.{module}``) and PEFT ones (``adapter_model.safetensors``). Ranks
-always come from the tensor shapes, which are the truth of what loads; the
-configs add the policy, scale and provenance. Describing an adapter reads
-only the safetensors header (through ``safetensors``), so it needs no mlx.
+Safetensors headers (through ``safetensors``, no mlx needed) and the ranks
+they imply in mlx-lm's and PEFT's layouts; JSON configs of bounded size;
+PEFT's ``rank_pattern``/``alpha_pattern`` resolved the way PEFT does; LoRA
+tensors of our adapters, stock mlx-lm's and PEFT's, refused with the file
+named when they can't be an adapter or don't fit the model. What a
+directory says about itself as a whole is :mod:`mlx_lm_optiq.adapter_record`.
 """
 
 import json
 import math
 import os
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import regex
 
+from .checks import is_finite
 from .errors import OptiqError
-
-MLX_WEIGHTS = "adapters.safetensors"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-SIDECAR = "optiq_lora_config.json"
-
-# PEFT's layout: base_model.model.<module path>.lora_A.weight is (r, in),
-# .lora_B.weight is (out, r); mlx-lm's <module path>.lora_a is (in, r).
-PEFT_PREFIX = "base_model.model."
-PEFT_LEAVES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
-
-
-def peft_key(path, leaf):
-    """PEFT's tensor name for mlx-lm's ``<path>.<leaf>`` (``lora_a``/``lora_b``)."""
-    return f"{PEFT_PREFIX}{path}.{PEFT_LEAVES[leaf]}"
+from .layout import (
+    CONFIG,
+    MLX_WEIGHTS,
+    PEFT_LEAVES,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS,
+    peft_key,
+)
 
 
 def _safetensors_problem(error):
@@ -142,82 +135,6 @@ def read_json(path: Path) -> dict:
     return data
 
 
-@dataclass
-class AdapterSummary:
-    path: Path
-    kind: str  # "mlx-lm-optiq", "mlx-optiq", "mlx-lm" or "peft"
-    base_model: Optional[str]
-    base_rank: int
-    scaling: Optional[str]
-    scale: Optional[float]
-    dropout: Optional[float]
-    ranks: Dict[str, int]  # 0 for the modules its run left out, where known
-    units: Dict[str, int]
-    modules: Dict[str, dict] = field(default_factory=dict)  # sidecar facts
-    budget: Optional[str] = None
-    budget_parameters: Optional[int] = None
-
-
-def read_adapter(path) -> AdapterSummary:
-    """Describe the adapter directory ``path`` (ours, stock mlx-lm, mlx-optiq or PEFT)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise OptiqError("not an adapter directory", path)
-    config = read_json(path / CONFIG) if (path / CONFIG).is_file() else {}
-    sidecar = read_json(path / SIDECAR) if (path / SIDECAR).is_file() else {}
-    if (path / MLX_WEIGHTS).is_file():
-        shapes = read_safetensors_header(path / MLX_WEIGHTS)
-        ranks, units = mlx_ranks(shapes), mlx_units(shapes)
-    elif (path / PEFT_WEIGHTS).is_file():
-        shapes = read_safetensors_header(path / PEFT_WEIGHTS)
-        ranks, units = peft_ranks(shapes), peft_units(shapes)
-    else:
-        raise OptiqError(f"no {MLX_WEIGHTS} or {PEFT_WEIGHTS}", path)
-    if not ranks:
-        raise OptiqError("the weights hold no LoRA tensors", path)
-
-    lora = config.get("lora_parameters") or {}
-    # Modules the run left out (rank 0) have no tensors; the configs name them.
-    left_out = {p for p, r in (lora.get("rank_pattern") or {}).items() if r == 0}
-    left_out |= {p for p, m in (sidecar.get("modules") or {}).items() if not m["rank"]}
-    known = sidecar.get("units") or {}
-    for module in sorted(left_out - set(ranks)):
-        ranks[module], units[module] = 0, known.get(module, 0)
-    if sidecar.get("format"):
-        kind, scaling = "mlx-lm-optiq", sidecar.get("rank_scaling")
-    elif "applied_ranks" in sidecar:
-        kind, scaling = "mlx-optiq", sidecar.get("rank_scaling")
-    elif lora:
-        kind, scaling = "mlx-lm", None
-    else:
-        kind, scaling = "peft", None
-    base_rank = sidecar.get("base_rank") or lora.get("rank") or config.get("r")
-    if not base_rank:
-        adapted = [r for r in ranks.values() if r]
-        base_rank = max(set(adapted), key=adapted.count)
-    scale = sidecar.get("scale") or lora.get("scale")
-    if scale is None and config.get("lora_alpha") and config.get("r"):
-        scale = config["lora_alpha"] / config["r"]
-    dropout = lora.get("dropout", config.get("lora_dropout"))
-    return AdapterSummary(
-        path=path,
-        kind=kind,
-        base_model=sidecar.get("base_model")
-        or sidecar.get("source_model")
-        or config.get("base_model_name_or_path")
-        or config.get("model"),
-        base_rank=int(base_rank),
-        scaling=scaling,
-        scale=scale,
-        dropout=dropout,
-        ranks=ranks,
-        units=units,
-        modules=sidecar.get("modules") or {},
-        budget=sidecar.get("rank_budget"),
-        budget_parameters=sidecar.get("budget_parameters"),
-    )
-
-
 def is_peft_dir(adapter_dir) -> bool:
     """A PEFT adapter directory (and not one of ours, which holds both layouts)."""
     adapter_dir = Path(adapter_dir)
@@ -226,7 +143,7 @@ def is_peft_dir(adapter_dir) -> bool:
     ).is_file()
 
 
-def peft_pattern_key(patterns, path, source=None):
+def peft_pattern_key(patterns: dict, path: str, source=None) -> Optional[str]:
     """The first key of a PEFT ``rank_pattern``/``alpha_pattern`` that names ``path``.
 
     PEFT treats each key as a regex matched against the end of the module
@@ -259,7 +176,9 @@ UNSUPPORTED_PEFT = {
 }
 
 
-def peft_import_plan(adapter_dir, config=None, shapes=None):
+def peft_import_plan(
+    adapter_dir, config: Optional[dict] = None, shapes: Optional[dict] = None
+) -> Tuple[Dict[str, Tuple[int, float]], float]:
     """How to rebuild a PEFT LoRA adapter in mlx-lm.
 
     Args:
@@ -334,17 +253,12 @@ MAX_SCALE = 1e6
 
 def _number(value, what, source):
     """A finite number of sane size (a LoRA scale, alpha or dropout)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or abs(value) > MAX_SCALE
-    ):
+    if not is_finite(value) or abs(value) > MAX_SCALE:
         raise OptiqError(f"{what} must be a finite number, got {value!r}", source)
     return float(value)
 
 
-def check_lora_tensors(modules, source):
+def check_lora_tensors(modules: dict, source) -> None:
     """Refuse LoRA matrices that can't be one adapter: 2-D, ``lora_a`` (in, r)
     and ``lora_b`` (r, out) with the same rank, floating point."""
     import mlx.core as mx
@@ -382,7 +296,9 @@ def mlx_rank_pattern(config, shapes) -> Optional[Dict[str, int]]:
     return ranks
 
 
-def check_tensors_fit(weights_file, shapes, expected, rank_pattern):
+def check_tensors_fit(
+    weights_file: Path, shapes: dict, expected: dict, rank_pattern: Optional[dict]
+) -> None:
     """Refuse adapter tensors that don't fit the model, before anything changes.
 
     Args:
@@ -410,7 +326,7 @@ def check_tensors_fit(weights_file, shapes, expected, rank_pattern):
             )
 
 
-def check_modules_fit(source, modules, dims):
+def check_modules_fit(source, modules: dict, dims: Dict[str, tuple]) -> None:
     """Refuse ``modules`` (from :func:`load_modules`) that don't fit a model.
 
     Args:
@@ -431,7 +347,7 @@ def check_modules_fit(source, modules, dims):
             )
 
 
-def load_tensors(path):
+def load_tensors(path: Path) -> dict:
     """``{tensor name: mx.array}`` of a safetensors file (header checked first)."""
     import mlx.core as mx
 
@@ -439,7 +355,7 @@ def load_tensors(path):
     return mx.load(str(path))
 
 
-def check_finite(tensors, source, hint=""):
+def check_finite(tensors: dict, source, hint: str = "") -> None:
     """Refuse adapter tensors that hold NaN or inf."""
     import mlx.core as mx
 
@@ -450,7 +366,7 @@ def check_finite(tensors, source, hint=""):
         )
 
 
-def load_modules(adapter_dir):
+def load_modules(adapter_dir) -> Tuple[dict, float]:
     """``{module path: (lora_a (in, r), lora_b (r, out), scale)}`` and the dropout.
 
     Reads our adapters, stock mlx-lm ones and PEFT ones alike.

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import OptiqError
 
@@ -36,7 +37,7 @@ def _usual_mode(path, directory=False):
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def atomic_write(path: Path, write):
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)``, then rename ``tmp_path`` over ``path``.
 
     A write that fails (a full disk, a read-only directory) raises
@@ -63,7 +64,7 @@ def atomic_write(path: Path, write):
         raise
 
 
-def atomic_write_json(path: Path, obj):
+def atomic_write_json(path: Path, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=4)
@@ -72,7 +73,7 @@ def atomic_write_json(path: Path, obj):
     atomic_write(path, write)
 
 
-def atomic_write_dir(out: Path, write):
+def atomic_write_dir(out: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_dir)``, then rename ``tmp_dir`` to ``out``.
 
     ``out`` must not exist or be empty; a failure leaves nothing behind.
@@ -125,7 +126,7 @@ def _exchange(a, b):
     return done == 0
 
 
-def replace_dir(new: Path, target: Path):
+def replace_dir(new: Path, target: Path) -> None:
     """Make ``new`` the directory ``target``; what else ``target`` held stays.
 
     Files of the old ``target`` that ``new`` does not have are linked (or

@@ -5,11 +5,13 @@ third-party one; ``tryfirst`` keeps its registrations ahead of theirs.
 """
 
 import functools
+from pathlib import Path
 
 from . import adapter_read, adapter_write, metadata, ranks
-from .atomic import atomic_write_json
+from .atomic import atomic_write, atomic_write_json
 from .errors import OptiqError
 from .hookspecs import hookimpl
+from .layout import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS
 
 
 @hookimpl(tryfirst=True)
@@ -27,26 +29,39 @@ def optiq_register_metadata_readers(register):
 
 
 @hookimpl(tryfirst=True)
-def optiq_adapter_saved(run, adapter_dir):
+def optiq_adapter_saved(record, adapter_dir):
     """The built-in actions, in this order, before any other plugin's."""
-    adapter_write.check_finite(adapter_dir / adapter_read.MLX_WEIGHTS)
-    write_adapter_config_and_sidecar(run, adapter_dir)
-    write_peft_layout(run, adapter_dir)
+    check_finite(adapter_dir / MLX_WEIGHTS)
+    write_peft_config_keys(record, adapter_dir)
+    write_peft_layout(record, adapter_dir)
 
 
-def write_adapter_config_and_sidecar(run, adapter_dir):
-    config_file = adapter_dir / adapter_read.CONFIG
+def check_finite(adapter_file: Path) -> None:
+    """Refuse to call an adapter trained if any tensor in it is NaN or inf."""
+    adapter_read.check_finite(
+        adapter_read.load_tensors(adapter_file),
+        adapter_file,
+        "; training diverged — lower the learning rate or the scale",
+    )
+
+
+def write_peft_config_keys(record, adapter_dir: Path) -> None:
+    config_file = adapter_dir / CONFIG
     config = adapter_read.read_json(config_file)
-    atomic_write_json(config_file, {**config, **adapter_write.peft_config_keys(run)})
-    atomic_write_json(adapter_dir / adapter_read.SIDECAR, adapter_write.sidecar(run))
+    peft = adapter_write.peft_config_keys(record)
+    atomic_write_json(config_file, {**config, **peft})
 
 
-def write_peft_layout(run, adapter_dir):
+def write_peft_layout(record, adapter_dir: Path) -> None:
     try:
-        adapter_write.check_peft_architecture(run.model_type)
+        adapter_write.check_peft_architecture(record.model_type)
     except OptiqError as e:
         print(f"note: {e}")
         return
-    adapter_write.write_peft_weights(
-        adapter_dir / adapter_read.MLX_WEIGHTS, adapter_dir / adapter_read.PEFT_WEIGHTS
+    import mlx.core as mx
+
+    tensors = mx.load(str(adapter_dir / MLX_WEIGHTS))
+    atomic_write(
+        adapter_dir / PEFT_WEIGHTS,
+        lambda tmp: adapter_write.save_peft_tensors(tmp, tensors),
     )

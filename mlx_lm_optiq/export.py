@@ -12,23 +12,22 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import List, Optional
 
 from . import adapter_read
 from ._cli import run_command
-from .adapter_read import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, SIDECAR, load_modules
+from .adapter_read import load_modules
+from .adapter_record import from_adapter_dir
 from .adapter_write import check_peft_architecture, peft_config, save_peft_tensors
 from .atomic import atomic_write_dir, atomic_write_json
 from .errors import OptiqError
+from .layout import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS
 
 
-def _model_type(adapter_dir, base):
-    sidecar = adapter_dir / SIDECAR
-    if sidecar.is_file():
-        model_type = adapter_read.read_json(sidecar).get("model_type")
-        if model_type:
-            return model_type
-    config = adapter_read.read_json(adapter_dir / CONFIG)
-    for model_dir in (base, config.get("model"), config.get("base_model_name_or_path")):
+def _model_type(record, base):
+    if record.model_type:
+        return record.model_type
+    for model_dir in (base, record.base_model):
         if model_dir and (Path(model_dir) / "config.json").is_file():
             return adapter_read.read_json(Path(model_dir) / "config.json").get(
                 "model_type"
@@ -36,11 +35,11 @@ def _model_type(adapter_dir, base):
     raise OptiqError(
         "can't tell the model architecture; pass --base with the local directory "
         "of the base model",
-        adapter_dir,
+        record.path,
     )
 
 
-def check_module_names(base, paths):
+def check_module_names(base: str, paths) -> bool:
     """Refuse paths that the transformers model ``base`` does not have.
 
     PEFT silently skips a target module that matches nothing, so a wrong path
@@ -63,20 +62,18 @@ def check_module_names(base, paths):
     return True
 
 
-def export_peft(adapter_dir, out, base=None):
+def export_peft(adapter_dir, out, base: Optional[str] = None) -> None:
     adapter_dir = Path(adapter_dir)
+    record = from_adapter_dir(adapter_dir)
     modules, dropout = load_modules(adapter_dir)
-    check_peft_architecture(_model_type(adapter_dir, base))
+    check_peft_architecture(_model_type(record, base))
     if base and (Path(base) / "config.json").is_file():
         check_module_names(base, modules)
-    config = adapter_read.read_json(adapter_dir / CONFIG)
     scales = Counter(scale for _, _, scale in modules.values())
     scale = scales.most_common(1)[0][0]
     ranks = {p: a.shape[1] for p, (a, _, _) in modules.items()}
-    base_rank = (config.get("lora_parameters") or {}).get("rank") or Counter(
-        ranks.values()
-    ).most_common(1)[0][0]
-    peft = peft_config(ranks, base_rank, scale, dropout, base or config.get("model"))
+    base_rank = record.base_rank
+    peft = peft_config(ranks, base_rank, scale, dropout, base or record.base_model)
     # a module whose own scale differs keeps its function through its alpha
     for path, (_, _, s) in modules.items():
         if s != scale or ranks[path] != base_rank:
@@ -92,7 +89,7 @@ def export_peft(adapter_dir, out, base=None):
     atomic_write_dir(out, write)
 
 
-def export_padded(adapter_dir, out):
+def export_padded(adapter_dir, out) -> None:
     import mlx.core as mx
 
     adapter_dir = Path(adapter_dir)
@@ -139,7 +136,7 @@ def export_padded(adapter_dir, out):
     atomic_write_dir(out, write)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mlx_lm_optiq.export",
         description="Export a LoRA adapter directory: a clean PEFT-only copy, or a "
@@ -161,7 +158,7 @@ def build_parser():
     return parser
 
 
-def export(args):
+def export(args: argparse.Namespace) -> None:
     if args.peft:
         export_peft(args.adapter_path, args.peft, args.base)
         print(f"PEFT adapter written to {args.peft}")
@@ -170,7 +167,7 @@ def export(args):
         print(f"uniform-rank mlx-lm adapter written to {args.pad}")
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     return run_command(export, build_parser().parse_args(argv))
 
 

@@ -7,14 +7,15 @@ Built-in behaviour is registered through these same hooks
     [project.entry-points.mlx_lm_optiq]
     my_plugin = "my_package.my_module"
 
-The types a hook receives, :class:`RankContext` and :class:`Run`, live here
-too. A hook stops the command on purpose by raising
+:class:`RankContext`, what a rank policy receives, lives here too; what an
+after-save action receives is an
+:class:`~mlx_lm_optiq.adapter_record.AdapterRecord`. A hook stops the command on purpose by raising
 :class:`mlx_lm_optiq.errors.OptiqError` (a ``ValueError``); any other
 exception disables the plugin, with one line saying so.
 """
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import pluggy
 
@@ -50,23 +51,6 @@ class RankContext:
     rank_range: float = 4.0
 
 
-@dataclass
-class Run:
-    """Everything decided about one training run's adapter before it starts."""
-
-    scaling: str
-    budget: str  # as given: free, match, default or a count such as 250k
-    base_rank: int
-    base_model: str
-    lora_parameters: dict  # what mlx-lm gets, with rank_pattern
-    ranks: Dict[str, int]
-    units: Dict[str, int]
-    facts: dict
-    sources: List = field(default_factory=list)
-    model_type: Optional[str] = None
-    budget_parameters: Optional[int] = None  # what the budget allowed
-
-
 @hookspec
 def optiq_register_rank_policies(register):
     """Register rank policies for ``--rank-scaling``.
@@ -95,14 +79,19 @@ def optiq_register_metadata_readers(register):
 
 
 @hookspec
-def optiq_adapter_saved(run, adapter_dir):
+def optiq_adapter_saved(record, adapter_dir, run):
     """Act once an adapter trained with ``--rank-scaling`` is saved.
 
     Called in the main process only. The built-in actions run first: they
     check the weights for NaN/inf, complete ``adapter_config.json`` with the
-    PEFT keys, write the ``optiq_lora_config.json`` sidecar and the
-    PEFT-layout ``adapter_model.safetensors``.
+    PEFT keys and write the PEFT-layout ``adapter_model.safetensors``; the
+    ``optiq_lora_config.json`` sidecar was written before training.
 
-    :param run: the :class:`Run` (ranks, facts, policy).
+    :param record: the adapter's
+        :class:`~mlx_lm_optiq.adapter_record.AdapterRecord` (ranks, facts,
+        policy, budget), read back from the sidecar.
     :param adapter_dir: the adapter directory (a ``pathlib.Path``).
+    :param run: the same record, under the name this hook gave it before
+        0.2 (its ``ranks``, ``units``, ``facts``, ``scaling``, ``budget``,
+        ``base_rank``, ``base_model`` and ``model_type`` are still there).
     """

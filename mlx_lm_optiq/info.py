@@ -10,25 +10,27 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Dict, List, Optional
 
 from ._cli import run_command
-from .adapter_read import read_adapter
+from .adapter_record import (
+    MLX_LM,
+    MLX_OPTIQ,
+    OURS,
+    PEFT,
+    AdapterRecord,
+    from_adapter_dir,
+)
 from .atomic import atomic_write
 from .errors import OptiqError
 from .metadata import SENSITIVITY, canonical, read_sensitivity
-from .ranks import (
-    constant_parameters,
-    describe,
-    distribution,
-    layer_of,
-    parameter_count,
-)
+from .ranks import describe, distribution, layer_of
 
 TITLES = {
-    "mlx-lm-optiq": "OptiQ LoRA adapter",
-    "mlx-optiq": "OptiQ LoRA adapter (mlx-optiq)",
-    "mlx-lm": "mlx-lm LoRA adapter",
-    "peft": "PEFT LoRA adapter",
+    OURS: "OptiQ LoRA adapter",
+    MLX_OPTIQ: "OptiQ LoRA adapter (mlx-optiq)",
+    MLX_LM: "mlx-lm LoRA adapter",
+    PEFT: "PEFT LoRA adapter",
 }
 
 
@@ -36,84 +38,78 @@ def _layer_sort_key(path):
     return [int(p) if p.isdigit() else p for p in path.split(".")]
 
 
-def as_dict(summary):
+def _facts(module):
+    f = module.facts
+    return {"bits": f.bits, "bits_source": f.bits_source, "kl": f.kl, "kl_source": f.kl_source}  # fmt: skip
+
+
+def as_dict(record: AdapterRecord) -> dict:
+    """The ``--json`` view of an :class:`AdapterRecord`."""
+    ranks = record.ranks
     return {
-        "path": str(summary.path),
-        "kind": summary.kind,
-        "base_model": summary.base_model,
-        "base_rank": summary.base_rank,
-        "rank_scaling": summary.scaling,
-        "rank_budget": summary.budget,
-        "budget_parameters": summary.budget_parameters,
-        "scale": summary.scale,
-        "dropout": summary.dropout,
-        "rank_distribution": {
-            str(k): v for k, v in distribution(summary.ranks).items()
-        },
-        "adapted_modules": sum(1 for r in summary.ranks.values() if r),
-        "left_out_modules": sorted(p for p, r in summary.ranks.items() if not r),
-        "trainable_parameters": parameter_count(summary.ranks, summary.units),
-        "constant_rank_parameters": constant_parameters(
-            summary.units, summary.base_rank
-        ),
+        "path": str(record.path),
+        "kind": record.kind,
+        "base_model": record.base_model,
+        "base_rank": record.base_rank,
+        "rank_scaling": record.scaling,
+        "rank_budget": record.budget,
+        "budget_parameters": record.budget_parameters,
+        "scale": record.scale,
+        "dropout": record.dropout,
+        "rank_distribution": {str(k): v for k, v in distribution(ranks).items()},
+        "adapted_modules": sum(1 for r in ranks.values() if r),
+        "left_out_modules": record.left_out,
+        "trainable_parameters": record.trainable_parameters,
+        "constant_rank_parameters": record.constant_rank_parameters,
         "modules": {
-            p: {
-                "rank": r,
-                **{k: v for k, v in summary.modules.get(p, {}).items() if k != "rank"},
-            }
-            for p, r in sorted(
-                summary.ranks.items(), key=lambda kv: _layer_sort_key(kv[0])
-            )
+            p: {"rank": record.modules[p].rank, **_facts(record.modules[p])}
+            for p in sorted(record.modules, key=_layer_sort_key)
         },
     }
 
 
-def render(summary, layers=False):
+def render(record: AdapterRecord, layers: bool = False) -> str:
+    """The block ``info`` prints (and, with ``layers``, a per-module table)."""
     lines = [
-        TITLES[summary.kind],
-        f"  base: {summary.base_model or 'unknown'}",
-        f"  rank: {summary.base_rank} (scaling: {summary.scaling or 'constant'})",
-        f"  scale: {summary.scale}  dropout: {summary.dropout}",
+        TITLES[record.kind],
+        f"  base: {record.base_model or 'unknown'}",
+        f"  rank: {record.base_rank} (scaling: {record.scaling or 'constant'})",
+        f"  scale: {record.scale}  dropout: {record.dropout}",
     ]
-    if summary.budget_parameters is not None:
+    if record.budget_parameters is not None:
         lines.append(
-            f"  budget: {summary.budget} ({summary.budget_parameters:,} parameters)"
+            f"  budget: {record.budget} ({record.budget_parameters:,} parameters)"
         )
-    lines += [
-        "  " + line
-        for line in describe(
-            summary.ranks, summary.units, summary.base_rank
-        ).splitlines()
-    ]
+    described = describe(record.ranks, record.units, record.base_rank)
+    lines += ["  " + line for line in described.splitlines()]
     if layers:
-        width = max(len(p) for p in summary.ranks)
+        width = max(len(p) for p in record.modules)
         lines.append("")
         lines.append(f"  {'module':<{width}}  rank  bits  kl          source")
-        for path in sorted(summary.ranks, key=_layer_sort_key):
-            facts = summary.modules.get(path, {})
-            bits = facts.get("bits")
-            kl = facts.get("kl")
+        for path in sorted(record.modules, key=_layer_sort_key):
+            module = record.modules[path]
+            bits, kl = module.facts.bits, module.facts.kl
             lines.append(
-                f"  {path:<{width}}  {summary.ranks[path]:>4}  "
+                f"  {path:<{width}}  {module.rank:>4}  "
                 f"{bits if bits is not None else '-':>4}  "
                 f"{f'{kl:.4g}' if kl is not None else '-':<10}  "
-                f"{facts.get('bits_source') or '-'}"
+                f"{module.facts.bits_source or '-'}"
             )
     return "\n".join(lines)
 
 
-def module_kl(summary):
+def module_kl(record: AdapterRecord) -> Dict[str, float]:
     """``{module path: KL}`` from the sidecar, else from the base model's
     ``optiq/sensitivity.json`` when it is a local directory."""
-    kl = {p: m["kl"] for p, m in summary.modules.items() if m.get("kl") is not None}
-    if kl or not summary.base_model:
+    kl = {p: f.kl for p, f in record.facts.items() if f.kl is not None}
+    if kl or not record.base_model:
         return kl
-    sensitivity = Path(summary.base_model) / SENSITIVITY
+    sensitivity = Path(record.base_model) / SENSITIVITY
     if not sensitivity.is_file():
         return {}
     measured = read_sensitivity(sensitivity).kl
     return {
-        p: measured[canonical(p)] for p in summary.ranks if canonical(p) in measured
+        p: measured[canonical(p)] for p in record.modules if canonical(p) in measured
     }
 
 
@@ -125,77 +121,106 @@ _KIND_ORDER = {
 }
 
 
-def plot(summary, out):
-    """A layer x module-type heat map of the ranks (and KL, when known) to ``out``."""
+def _matplotlib():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
     except ImportError:
         raise OptiqError(
             "--plot needs matplotlib: pip install 'mlx-lm-optiq[plot]'"
         ) from None
-    in_layers = {p: layer_of(p) for p in summary.ranks if layer_of(p) is not None}
+    return matplotlib, plt
+
+
+def heat_grid(record: AdapterRecord) -> tuple:
+    """``(layers, module kinds, rank grid, KL grid)`` for the heat map: one row
+    per transformer layer, one column per module kind, NaN where empty."""
+    import numpy as np
+
+    in_layers = {p: layer_of(p) for p in record.modules if layer_of(p) is not None}
     if not in_layers:
-        raise OptiqError("no module of a transformer layer to draw", summary.path)
+        raise OptiqError("no module of a transformer layer to draw", record.path)
+    kind_of = {p: p.split(f"layers.{i}.", 1)[1] for p, i in in_layers.items()}
     layers = sorted(set(in_layers.values()))
     kinds = sorted(
-        {p.split(f"layers.{in_layers[p]}.", 1)[1] for p in in_layers},
+        set(kind_of.values()),
         key=lambda k: (_KIND_ORDER.get(k.rsplit(".", 1)[-1], len(_KIND_ORDER)), k),
     )
     rank = np.full((len(layers), len(kinds)), np.nan)
     kl = np.full_like(rank, np.nan)
-    kls = module_kl(summary)
+    kls = module_kl(record)
     for path, layer in in_layers.items():
-        row = layers.index(layer)
-        col = kinds.index(path.split(f"layers.{layer}.", 1)[1])
-        if summary.ranks[path]:
-            rank[row, col] = summary.ranks[path]  # left out: an empty cell
-        if path in kls and kls[path] > 0:
-            kl[row, col] = kls[path]
-    adapted = sum(1 for r in summary.ranks.values() if r)
-    panels = [("LoRA rank (empty: left out)", rank, "viridis", None)]
+        cell = layers.index(layer), kinds.index(kind_of[path])
+        if record.modules[path].rank:
+            rank[cell] = record.modules[path].rank  # left out: an empty cell
+        if kls.get(path, 0) > 0:
+            kl[cell] = kls[path]
+    return layers, kinds, rank, kl
+
+
+def plot(record: AdapterRecord, out) -> None:
+    """A layer x module-type heat map of the ranks (and KL, when known) to ``out``.
+
+    Ranks are whole numbers, so each rank that occurs gets its own colour
+    and its own tick; every cell is labelled with its rank when they fit.
+    """
+    import numpy as np
+
+    matplotlib, plt = _matplotlib()
+    layers, kinds, rank, kl = heat_grid(record)
+    values = sorted({int(v) for v in rank[~np.isnan(rank)]}) or [0]
+    edges = [v - 0.5 for v in values] + [values[-1] + 0.5]
+    colours = plt.get_cmap("viridis", max(len(values), 2))
+    panels = [
+        ("LoRA rank (empty: left out)", rank,
+         matplotlib.colors.ListedColormap(colours(range(len(values)))),
+         matplotlib.colors.BoundaryNorm(edges, len(values)), values),
+    ]  # fmt: skip
     if not np.all(np.isnan(kl)):
         norm = matplotlib.colors.LogNorm(np.nanmin(kl), np.nanmax(kl))
-        panels.append(("KL at the lowest measured bits", kl, "magma", norm))
-    height = max(3.0, 0.22 * len(layers) + 1.6)
+        panels.append(("KL at the lowest measured bits", kl, "magma", norm, None))
+    height = max(3.5, 0.3 * len(layers) + 1.8)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(2.2 + 1.1 * len(kinds) * len(panels), height)
+        1, len(panels), figsize=(2.6 + 1.3 * len(kinds) * len(panels), height)
     )
-    for ax, (title, values, cmap, norm) in zip(np.atleast_1d(axes), panels):
+    for ax, (title, grid, cmap, norm, ticks) in zip(np.atleast_1d(axes), panels):
         image = ax.imshow(
-            np.ma.masked_invalid(values), aspect="auto", cmap=cmap, norm=norm
+            np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=norm
         )
         ax.set_xticks(range(len(kinds)), [k.rsplit(".", 1)[-1] for k in kinds])
-        ax.tick_params(axis="x", labelrotation=45)
-        ax.set_yticks(range(len(layers)), [str(k) for k in layers])
+        ax.tick_params(axis="x", labelrotation=45, labelsize=9)
+        ax.set_yticks(range(len(layers)), [str(k) for k in layers], fontsize=8)
         ax.set_ylabel("layer")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(image, ax=ax, shrink=0.8, ticks=ticks)
     if len(layers) <= 64:
-        first = np.atleast_1d(axes)[0]
-        middle = (np.nanmin(rank) + np.nanmax(rank)) / 2 if adapted else 0
-        for (row, col), value in np.ndenumerate(rank):
-            if not np.isnan(value):
-                color = "white" if value < middle else "black"
-                first.text(
-                    col, row, int(value), ha="center", va="center", fontsize=6,
-                    color=color,
-                )  # fmt: skip
+        _label_cells(np.atleast_1d(axes)[0], rank, values)
+    adapted = len(record.modules) - len(record.left_out)
     fig.suptitle(
-        f"{summary.path.name}: {summary.scaling or 'constant'}, "
-        f"{parameter_count(summary.ranks, summary.units):,} parameters, "
-        f"{adapted} modules adapted, {len(summary.ranks) - adapted} left out",
-        fontsize=9,
+        f"{record.path.name}: {record.scaling or 'constant'}, "
+        f"{record.trainable_parameters:,} parameters, "
+        f"{adapted} modules adapted, {len(record.left_out)} left out",
+        fontsize=10,
     )
     fig.tight_layout()
-    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
-def build_parser():
+def _label_cells(ax, rank, values):
+    import numpy as np
+
+    middle = values[len(values) // 2]
+    for (row, col), value in np.ndenumerate(rank):
+        if not np.isnan(value):
+            colour = "white" if value < middle or len(values) == 1 else "black"
+            ax.text(col, row, int(value), ha="center", va="center", fontsize=8,
+                    color=colour)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mlx_lm_optiq.info",
         description="Show the rank distribution and parameter counts of a LoRA "
@@ -215,18 +240,18 @@ def build_parser():
     return parser
 
 
-def show(args):
-    summary = read_adapter(args.adapter_path)
+def show(args: argparse.Namespace) -> None:
+    record = from_adapter_dir(args.adapter_path)
     if args.json:
-        print(json.dumps(as_dict(summary), indent=2))
+        print(json.dumps(as_dict(record), indent=2))
     else:
-        print(render(summary, layers=args.layers))
+        print(render(record, layers=args.layers))
     if args.plot:
-        plot(summary, args.plot)
+        plot(record, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     return run_command(show, build_parser().parse_args(argv))
 
 

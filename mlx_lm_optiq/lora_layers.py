@@ -1,80 +1,41 @@
 """What the plugin must know of mlx-lm's LoRA layers.
 
-Which modules a run adapts and what a unit of rank costs on each, the tensor
-shapes an adapter must have, building LoRA layers at given ranks and loading
-weights into them. Plain functions on models; they raise nothing of their
-own for bad input, so the callers say what is wrong with which file. Imports
-nothing from this package.
+Which of the modules mlx-lm would convert a run adapts, and what a unit of
+rank costs on each; the tensor shapes an adapter must have; building LoRA
+layers at given ranks and loading weights into them; float copies of
+quantized layers. Plain functions on models, through mlx-lm's public names
+only; they raise nothing of their own for bad input, so the callers say
+what is wrong with which file. Imports nothing from this package.
 """
 
-import contextlib
-import sys
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-
-def _tuner_utils():
-    return sys.modules["mlx_lm.tuner.utils"]
-
-
-def _lora_classes(tuner_utils):
-    """The LoRA/DoRA layer classes ``linear_to_lora_layers`` looks up by name."""
-    return [
-        name
-        for name, value in vars(tuner_utils).items()
-        if isinstance(value, type) and hasattr(value, "from_base")
-    ]
+# [(module path, module)]: what mlx-lm converts, or the layers put in its place
+Targets = List[Tuple[str, nn.Module]]
 
 
-@contextlib.contextmanager
-def _probing(seen, paths):
-    """Make ``linear_to_lora_layers`` record the layers it would convert, and
-    hand each back unchanged."""
-
-    class Probe:
-        @staticmethod
-        def from_base(layer, **kwargs):
-            seen.append((paths[id(layer)], layer))
-            return layer
-
-    tuner_utils = _tuner_utils()
-    saved = {name: getattr(tuner_utils, name) for name in _lora_classes(tuner_utils)}
-    try:
-        for name in saved:
-            setattr(tuner_utils, name, Probe)
-        yield
-    finally:
-        for name, cls in saved.items():
-            setattr(tuner_utils, name, cls)
-
-
-def own_lora_builders(model):
+def own_lora_builders(model: nn.Module) -> List[str]:
     """Module paths of layers that build their own LoRA layer (``to_lora``)."""
     return [p for p, m in model.named_modules() if hasattr(m, "to_lora")]
 
 
-def adapted_modules(model, num_layers, lora_parameters, use_dora=False):
-    """Return ``[(module path, module)]`` that ``linear_to_lora_layers`` would adapt.
-
-    Runs mlx-lm's own selection with stand-in layer classes that hand the
-    base layer back unchanged, so the answer follows mlx-lm's rules exactly
-    and the model, and the random stream, are left untouched.
-    """
-    import mlx_lm.tuner.utils  # noqa: F401 - the module the probe patches
-
-    paths = {id(m): p for p, m in model.named_modules()}
-    seen = []
-    convert_fn = _tuner_utils().linear_to_lora_layers
-    convert_fn = getattr(convert_fn, "__optiq_original__", convert_fn)
-    params = {k: v for k, v in lora_parameters.items() if k != "rank_pattern"}
-    with _probing(seen, paths):
-        convert_fn(model, num_layers, params, use_dora=use_dora)
-    return seen
+def in_window(targets: Targets, model: nn.Module, num_layers: int) -> Targets:
+    """The ``targets`` (``[(module path, module)]``, all blocks) that mlx-lm
+    adapts with ``--num-layers num_layers``: those in the last ``num_layers``
+    blocks (every block for 0 or less), and any outside the blocks."""
+    blocks = model.layers
+    first = 0 if num_layers <= 0 else max(0, len(blocks) - num_layers)
+    block_of = {
+        id(m): i for i, block in enumerate(blocks) for _, m in block.named_modules()
+    }
+    return [(p, m) for p, m in targets if block_of.get(id(m), first) >= first]
 
 
-def linear_dims(module):
+def linear_dims(module: nn.Module) -> Tuple[int, int]:
     """``(in, out)`` of a linear layer, quantized or not."""
     out_dims, in_dims = module.weight.shape
     if isinstance(module, nn.QuantizedLinear):
@@ -82,7 +43,7 @@ def linear_dims(module):
     return in_dims, out_dims
 
 
-def model_linear_dims(model):
+def model_linear_dims(model: nn.Module) -> Dict[str, Tuple[int, int]]:
     """``{module path: (in, out)}`` of every linear layer (quantized or not)."""
     return {
         path: linear_dims(module)
@@ -91,12 +52,12 @@ def model_linear_dims(model):
     }
 
 
-def base_layer(module):
+def base_layer(module: nn.Module) -> nn.Module:
     """The layer a LoRA layer wraps (``module`` itself when it is not one)."""
     return getattr(module, "linear", module)
 
 
-def describe_module(module):
+def describe_module(module: nn.Module) -> Tuple[Optional[int], int]:
     """Plain facts about a base layer: its live bits (``None`` if not
     quantized) and the adapter parameters one unit of rank costs on it."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -117,7 +78,9 @@ def describe_module(module):
     raise TypeError(f"can't size a LoRA adapter for {type(module).__name__}")
 
 
-def adapter_shapes(module, rank, use_dora=False):
+def adapter_shapes(
+    module: nn.Module, rank: int, use_dora: bool = False
+) -> Dict[str, tuple]:
     """``{leaf: shape}`` of the LoRA layer mlx-lm builds on ``module`` at ``rank``."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
@@ -137,11 +100,15 @@ def adapter_shapes(module, rank, use_dora=False):
     return {**shapes, "m": (num,)} if use_dora else shapes
 
 
-def expected_tensors(model, num_layers, lora_parameters, rank_pattern, use_dora):
-    """``{tensor name: shape}`` an adapter with these settings holds for ``model``,
-    and the module paths it adapts."""
+def expected_tensors(
+    targets: Targets,
+    lora_parameters: dict,
+    rank_pattern: Optional[dict],
+    use_dora: bool,
+) -> Dict[str, tuple]:
+    """``{tensor name: shape}`` an adapter with these settings holds for the
+    adapted ``targets`` (``[(module path, module)]``)."""
     rank_pattern = rank_pattern or {}
-    targets = adapted_modules(model, num_layers, lora_parameters, use_dora)
     expected = {}
     for path, module in targets:
         rank = rank_pattern.get(path, lora_parameters["rank"])
@@ -149,24 +116,26 @@ def expected_tensors(model, num_layers, lora_parameters, rank_pattern, use_dora)
             continue  # left out: no tensors
         for leaf, shape in adapter_shapes(module, rank, use_dora).items():
             expected[f"{path}.{leaf}"] = shape
-    return expected, [path for path, _ in targets]
+    return expected
 
 
-def convert(model, num_layers, lora_parameters, use_dora=False):
+def convert(
+    model: nn.Module, num_layers: int, lora_parameters: dict, use_dora: bool = False
+) -> nn.Module:
     """mlx-lm's ``linear_to_lora_layers`` (with ``rank_pattern``: patched or shimmed)."""
-    _tuner_utils().linear_to_lora_layers(
-        model, num_layers, lora_parameters, use_dora=use_dora
-    )
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=use_dora)
     return model
 
 
-def load_weights(model, tensors):
+def load_weights(model: nn.Module, tensors: Dict[str, mx.array]) -> nn.Module:
     """Load adapter tensors (``{name: array}``) into a converted model."""
     model.load_weights(list(tensors.items()), strict=False)
     return model
 
 
-def lora_layers(model, modules, dropout=0.0):
+def lora_layers(model: nn.Module, modules: dict, dropout: float = 0.0) -> Targets:
     """``[(module path, LoRALinear)]`` around the model's own base layers.
 
     Args:
@@ -205,7 +174,7 @@ def _dequantized_weight(module):
     ).astype(module.scales.dtype)
 
 
-def dequantized_copies(model):
+def dequantized_copies(model: nn.Module) -> Tuple[Targets, int]:
     """``[(module path, float layer)]`` for every quantized linear and embedding
     layer: the same function up to rounding, in the dtype of its scales,
     frozen. Returns the layers and the bytes their weights take."""
@@ -230,7 +199,7 @@ def dequantized_copies(model):
     return layers, size
 
 
-def dequantized_size(model):
+def dequantized_size(model: nn.Module) -> int:
     """Bytes the weights of :func:`dequantized_copies` would take."""
     size = 0
     for _, module in model.named_modules():
@@ -240,7 +209,7 @@ def dequantized_size(model):
     return size
 
 
-def swap_in(model, layers):
+def swap_in(model: nn.Module, layers: Targets) -> nn.Module:
     """Put ``[(module path, layer)]`` into ``model`` in place of what is there."""
     model.update_modules(tree_unflatten(layers))
     return model

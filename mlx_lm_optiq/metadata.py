@@ -18,11 +18,11 @@ prefix either side carries (``model.``, ``language_model.``, ``backbone.``).
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .checks import is_finite, is_whole
 from .errors import OptiqError
 
 VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -75,11 +75,7 @@ def _load_json(path: Path):
 
 
 def _check_bits(path, key, bits):
-    if (
-        isinstance(bits, bool)
-        or not isinstance(bits, (int, float))
-        or bits not in VALID_BITS
-    ):
+    if not is_finite(bits) or bits not in VALID_BITS:
         raise OptiqError(
             f"{key}: bits must be one of {list(VALID_BITS)}, got {bits!r}", path
         )
@@ -87,12 +83,7 @@ def _check_bits(path, key, bits):
 
 
 def _check_kl(path, key, kl):
-    if (
-        isinstance(kl, bool)
-        or not isinstance(kl, (int, float))
-        or not math.isfinite(kl)
-        or kl < 0
-    ):
+    if not is_finite(kl) or kl < 0:
         raise OptiqError(f"{key}: KL must be a finite number >= 0, got {kl!r}", path)
     return float(kl)
 
@@ -125,9 +116,7 @@ def read_sensitivity(path: Path) -> Source:
     if not isinstance(layers, list):
         raise OptiqError("no 'layers' list", path)
     candidates = data.get("candidate_bits") or []
-    if not isinstance(candidates, list) or not all(
-        isinstance(b, int) and not isinstance(b, bool) for b in candidates
-    ):
+    if not isinstance(candidates, list) or not all(is_whole(b) for b in candidates):
         raise OptiqError(
             f"'candidate_bits' must be a list of bit-widths, got {candidates!r}", path
         )

@@ -27,6 +27,18 @@ def mlx_lm_lora_add_arguments(parser):
     """
 
 
+@hookspec
+def mlx_lm_lora_configure(args):
+    """Check the arguments of ``mlx_lm.lora`` before the model is loaded.
+
+    Called once the command line, the YAML config and the defaults are
+    merged. Raise ``ValueError`` to stop the command with its message; a
+    hook may also complete ``args``.
+
+    :param args: the ``mlx_lm.lora`` arguments (a namespace).
+    """
+
+
 @hookspec(firstresult=True)
 def mlx_lm_lora_parameters(args, model):
     """Choose the LoRA parameters the model is converted with.
@@ -40,6 +52,22 @@ def mlx_lm_lora_parameters(args, model):
     :param args: the ``mlx_lm.lora`` arguments (a namespace).
     :param model: the loaded model, its layers not yet converted.
     :returns: a ``lora_parameters`` dict or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def mlx_lm_lora_training_functions(args, model):
+    """Choose the loss and the batch iterator of training and evaluation.
+
+    Called before training, and before ``--test`` evaluation, with the model
+    as it is trained. Return a dict with ``loss`` and/or ``iterate_batches``
+    (called as ``tuner.trainer``'s ``default_loss`` and ``iterate_batches``
+    are), or ``None`` to keep mlx-lm's own. Stops at the first non-None
+    result.
+
+    :param args: the ``mlx_lm.lora`` arguments.
+    :param model: the model, its LoRA layers in place.
+    :returns: a dict of training functions or ``None``.
     """
 
 

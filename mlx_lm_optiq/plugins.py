@@ -11,6 +11,7 @@ on stderr. ``MLX_LM_OPTIQ_PLUGINS=name,name`` limits which entry points load
 import functools
 import os
 import sys
+from typing import Callable, Dict
 
 import pluggy
 
@@ -29,7 +30,7 @@ def _allowed(name):
 
 
 @functools.lru_cache(maxsize=None)
-def get_plugin_manager():
+def get_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     for plugin in DEFAULT_PLUGINS:
@@ -54,14 +55,14 @@ def _collect(hook, what):
     return found
 
 
-def rank_policies():
+def rank_policies() -> Dict[str, Callable]:
     """``{name: policy}``, built-ins first."""
     return _collect(
         get_plugin_manager().hook.optiq_register_rank_policies, "rank policy"
     )
 
 
-def metadata_readers():
+def metadata_readers() -> Dict[str, Callable]:
     """``{file name: reader}`` in the order files are tried."""
     return _collect(
         get_plugin_manager().hook.optiq_register_metadata_readers, "metadata reader"

@@ -16,7 +16,9 @@ import argparse
 import json
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 from ._cli import run_command
 from .atomic import atomic_write_dir, atomic_write_json
@@ -24,13 +26,18 @@ from .errors import OptiqError
 from .metadata import OPTIQ_METADATA, SENSITIVITY, read_sensitivity
 
 
-def storage_bits(bits, group_size):
+def storage_bits(bits: int, group_size: int) -> float:
     """Bits per weight of affine quantization: the codes plus an fp16 scale and
     bias per group."""
     return bits + 32 / group_size
 
 
-def choose_bits(modules, candidates, group_size, target_bpw):
+def choose_bits(
+    modules: Dict[str, Tuple[int, Dict[int, float]]],
+    candidates: List[int],
+    group_size: int,
+    target_bpw: float,
+) -> Tuple[Dict[str, int], float]:
     """Per-module bits under ``target_bpw``.
 
     Args:
@@ -102,36 +109,8 @@ def _sensitivity_modules(source_path, candidates):
     }, {layer["layer_name"] for layer in doc["layers"] if layer.get("skipped")}
 
 
-def quantize(args):
-    import mlx.nn as nn
-    import mlx_lm
-    from mlx_lm.utils import quantize_model, save
-
-    from .sensitivity import block_linears, unquantizable
-
-    model_path = Path(args.model)
-    sensitivity = (
-        Path(args.sensitivity) if args.sensitivity else model_path / SENSITIVITY
-    )
-    if not sensitivity.is_file():
-        raise OptiqError(
-            "no sensitivity file; measure it first with "
-            f"python -m mlx_lm_optiq.sensitivity {model_path} --data DIR",
-            sensitivity,
-        )
-    modules, not_measured = _sensitivity_modules(sensitivity, args.bits)
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):  # before the slow part
-        raise OptiqError("exists and is not empty; remove it or pick another path", out)
-
-    model, tokenizer, config = mlx_lm.load(str(model_path), return_config=True)
-    if "quantization" in config:
-        raise OptiqError(
-            "is already quantized; quantize needs a float model "
-            "(mlx_lm.convert --dequantize gives one)",
-            model_path,
-        )
-    linears = dict(block_linears(model))
+def _check_coverage(modules, linears, model_path, sensitivity):
+    """The sensitivity file names exactly the model's block linear modules."""
     unknown = sorted(set(modules) - set(linears))
     if unknown:
         raise OptiqError(
@@ -147,24 +126,85 @@ def quantize(args):
             sensitivity,
         )
 
-    # as mlx-lm does: a module whose input doesn't split into groups stays float
-    kept_float = {
-        p: why for p, m in linears.items() if (why := unquantizable(m, args.group_size))
-    }
-    unmeasured = sorted(not_measured - set(kept_float))
+
+def _kept_float(linears, not_measured, group_size, sensitivity):
+    """``{module path: why}`` of the modules that stay float, as mlx-lm leaves
+    a module whose input doesn't split into groups."""
+    from .sensitivity import unquantizable
+
+    kept = {p: why for p, m in linears.items() if (why := unquantizable(m, group_size))}
+    unmeasured = sorted(not_measured - set(kept))
     if unmeasured:
         raise OptiqError(
             f"{len(unmeasured)} modules were not measured (e.g. {unmeasured[0]}) but "
-            f"quantize at group size {args.group_size}; measure with this group size",
+            f"quantize at group size {group_size}; measure with this group size",
             sensitivity,
         )
-    if kept_float:
-        names = sorted(kept_float)
+    if kept:
+        names = sorted(kept)
         print(
-            f"note: {len(kept_float)} modules stay unquantized ({kept_float[names[0]]}"
+            f"note: {len(kept)} modules stay unquantized ({kept[names[0]]}"
             f"{', and others' if len(names) > 1 else ''}): {', '.join(names[:3])}"
             + (f", … ({len(names)} in all)" if len(names) > 3 else "")
         )
+    return kept
+
+
+def _metadata(args, chosen, achieved, kept_float, top):
+    """``optiq/metadata.json``: OptiQ's ``per_layer`` and our provenance."""
+    return {
+        "method": "greedy: largest KL saved per extra bit, within target_bpw",
+        "target_bpw": args.target_bpw,
+        "achieved_bpw": round(achieved, 4),
+        "candidate_bits": args.bits,
+        "group_size": args.group_size,
+        "per_layer": {
+            **{
+                p: {"bits": b, "group_size": args.group_size} for p, b in chosen.items()
+            },
+            # OptiQ's way of recording a float layer
+            **{p: {"bits": 16, "kept_float": why} for p, why in kept_float.items()},
+        },
+        "other_modules": top,
+    }
+
+
+def _sensitivity_file(args, model_path):
+    sensitivity = (
+        Path(args.sensitivity) if args.sensitivity else model_path / SENSITIVITY
+    )
+    if not sensitivity.is_file():
+        raise OptiqError(
+            "no sensitivity file; measure it first with "
+            f"python -m mlx_lm_optiq.sensitivity {model_path} --data DIR",
+            sensitivity,
+        )
+    return sensitivity
+
+
+def quantize(args: argparse.Namespace) -> Path:
+    import mlx.nn as nn
+    import mlx_lm
+    from mlx_lm.utils import quantize_model, save
+
+    from .sensitivity import block_linears
+
+    model_path = Path(args.model)
+    sensitivity = _sensitivity_file(args, model_path)
+    modules, not_measured = _sensitivity_modules(sensitivity, args.bits)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):  # before the slow part
+        raise OptiqError("exists and is not empty; remove it or pick another path", out)
+    model, tokenizer, config = mlx_lm.load(str(model_path), return_config=True)
+    if "quantization" in config:
+        raise OptiqError(
+            "is already quantized; quantize needs a float model "
+            "(mlx_lm.convert --dequantize gives one)",
+            model_path,
+        )
+    linears = dict(block_linears(model))
+    _check_coverage(modules, linears, model_path, sensitivity)
+    kept_float = _kept_float(linears, not_measured, args.group_size, sensitivity)
     quantized = {p: v for p, v in modules.items() if p not in kept_float}
     if not quantized:
         raise OptiqError(
@@ -186,25 +226,7 @@ def quantize(args):
     model, config = quantize_model(
         model, config, args.group_size, min(args.bits), quant_predicate=predicate
     )
-    counts = {
-        b: sum(1 for v in chosen.values() if v == b)
-        for b in sorted(set(chosen.values()))
-    }
-    metadata = {
-        "method": "greedy: largest KL saved per extra bit, within target_bpw",
-        "target_bpw": args.target_bpw,
-        "achieved_bpw": round(achieved, 4),
-        "candidate_bits": args.bits,
-        "group_size": args.group_size,
-        "per_layer": {
-            **{
-                p: {"bits": b, "group_size": args.group_size} for p, b in chosen.items()
-            },
-            # OptiQ's way of recording a float layer
-            **{p: {"bits": 16, "kept_float": why} for p, why in kept_float.items()},
-        },
-        "other_modules": top,
-    }
+    metadata = _metadata(args, chosen, achieved, kept_float, top)
 
     def write(tmp):
         save(tmp, model_path, model, tokenizer, config, donate_model=False)
@@ -213,6 +235,7 @@ def quantize(args):
         shutil.copyfile(sensitivity, tmp / SENSITIVITY)
 
     atomic_write_dir(out, write)
+    counts = dict(sorted(Counter(chosen.values()).items()))
     print(
         f"wrote {out}: {achieved:.3f} bits per weight over the {len(chosen)} block "
         f"linear modules (target {args.target_bpw}); bits: {counts}"
@@ -220,7 +243,7 @@ def quantize(args):
     return out
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     from .sensitivity import add_quantization_arguments
 
     parser = argparse.ArgumentParser(
@@ -242,7 +265,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     return run_command(quantize, build_parser().parse_args(argv))
 
 

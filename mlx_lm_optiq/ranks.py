@@ -21,17 +21,18 @@ import re
 import statistics
 import warnings
 from collections import Counter, defaultdict
-from typing import Callable, Dict, Mapping, Optional, Union
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
+from .checks import is_whole
 from .errors import OptiqError
 from .hookspecs import RankContext
 
 MIN_RANK = 2
 
 
-def check_base_rank(rank):
+def check_base_rank(rank) -> int:
     """The base LoRA rank, if it is a positive integer."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    if not is_whole(rank) or rank <= 0:
         raise OptiqError(f"the LoRA rank must be a positive integer, got {rank!r}")
     return rank
 
@@ -40,11 +41,11 @@ def _floor(rank):
     return max(MIN_RANK, int(rank))
 
 
-def constant(context):
+def constant(context: RankContext) -> Dict[str, int]:
     return {path: context.base_rank for path in context.facts}
 
 
-def by_bits(context):
+def by_bits(context: RankContext) -> Dict[str, int]:
     base_rank, facts = context.base_rank, context.facts
     unknown = [p for p, f in facts.items() if f.bits is None]
     if len(unknown) == len(facts):
@@ -60,7 +61,7 @@ def by_bits(context):
     }
 
 
-def by_kl(context):
+def by_kl(context: RankContext) -> Dict[str, int]:
     base_rank, facts, report = context.base_rank, context.facts, context.report
     kls = [f.kl for f in facts.values() if f.kl is not None]
     if not kls:
@@ -85,7 +86,9 @@ def by_kl(context):
     return ranks
 
 
-def sensitivity_weights(facts, rank_range, report=print):
+def sensitivity_weights(
+    facts: dict, rank_range: float, report=print
+) -> Dict[str, float]:
     """``{module path: KL / median KL}`` clipped to ``[1/range, range]``.
 
     Modules without KL weigh 1 (the median); without any KL every module
@@ -106,7 +109,7 @@ def sensitivity_weights(facts, rank_range, report=print):
     }
 
 
-def allocate(context):
+def allocate(context: RankContext) -> Dict[str, int]:
     """Spend the budget across the adapted modules by measured sensitivity.
 
     Greedy water-filling: every module starts left out (rank 0); each step
@@ -171,7 +174,9 @@ def constant_parameters(units: Mapping[str, int], base_rank: int) -> int:
     return parameter_count(dict.fromkeys(units, base_rank), units)
 
 
-def fit_budget(ranks, units, budget):
+def fit_budget(
+    ranks: Dict[str, int], units: Mapping[str, int], budget: int
+) -> Dict[str, int]:
     """Rescale ``ranks`` to spend at most ``budget`` adapter parameters.
 
     Finds the largest common factor ``s`` such that ``max(2, floor(r_i * s))``
@@ -216,43 +221,11 @@ def fit_budget(ranks, units, budget):
     return result
 
 
-def match_budget(ranks, units, base_rank):
-    """:func:`fit_budget` to what constant rank ``base_rank`` would spend."""
-    return fit_budget(ranks, units, constant_parameters(units, base_rank))
-
-
-BUDGET_WORDS = ("free", "match", "default")
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")
-
-
-def parse_budget(value) -> Union[str, int]:
-    """``--rank-budget``: ``free``, ``match``, ``default``, or a parameter count
-    (``250000``, ``250k``, ``1.3M``)."""
-    if isinstance(value, str) and value.strip().lower() in BUDGET_WORDS:
-        return value.strip().lower()
-    if isinstance(value, int) and not isinstance(value, bool):
-        count = value
-    else:
-        found = _COUNT.match(str(value)) if isinstance(value, (str, float)) else None
-        if found is None:
-            raise OptiqError(
-                f"--rank-budget {value!r}: give free, match, default or a number of "
-                "adapter parameters such as 250000, 250k or 1.3M"
-            )
-        number, unit = found.groups()
-        count = round(
-            float(number) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit.lower()]
-        )
-    if count <= 0:
-        raise OptiqError(f"--rank-budget {value!r}: the budget must be positive")
-    return count
-
-
 def budget_parameters(budget, units, base_rank, default_units=None) -> Optional[int]:
     """The adapter parameters a budget allows; ``None`` for ``free``.
 
     Args:
-        budget: what :func:`parse_budget` returns.
+        budget: a parsed ``--rank-budget`` (:attr:`RunSettings.budget`).
         units: ``{module path: units}`` of the modules the run adapts.
         base_rank: the base rank.
         default_units: the same for mlx-lm's default window (``default``).
@@ -266,7 +239,7 @@ def budget_parameters(budget, units, base_rank, default_units=None) -> Optional[
     return budget
 
 
-def call_policy(name, policy, context):
+def call_policy(name: str, policy: Callable, context: RankContext) -> Dict[str, int]:
     """``policy(context)``, checked.
 
     A policy of the old form ``policy(base_rank, facts, report)`` is called
@@ -305,7 +278,7 @@ def call_policy(name, policy, context):
             f"rank policy {name!r} must return a rank for each adapted module"
         )
     for path, rank in ranks.items():
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        if not is_whole(rank) or rank < 0:
             raise OptiqError(
                 f"rank policy {name!r} gave {path} the rank {rank!r}; ranks are "
                 "integers >= 0 (0 leaves the module out)"
@@ -314,56 +287,53 @@ def call_policy(name, policy, context):
 
 
 def assign(
-    policy,
-    base_rank,
+    settings,
     facts,
     units,
-    budget="free",
-    report=print,
-    policies=None,
+    *,
+    base_rank,
     default_units=None,
-    rank_range=4.0,
-):
-    """Ranks for every adapted module.
+    policies=None,
+    report=print,
+) -> Tuple[Dict[str, int], Optional[int]]:
+    """Ranks for every adapted module, and the parameters the budget allowed.
 
     Args:
-        policy: a key of ``policies``.
-        base_rank: ``lora_parameters.rank``.
+        settings: the run's :class:`~mlx_lm_optiq.settings.RunSettings`
+          (``rank_scaling``, ``budget``, ``rank_range``).
         facts: ``{module path: ModuleFacts}`` from :mod:`mlx_lm_optiq.metadata`.
         units: ``{module path: in_dims + out_dims}`` (adapter parameters per rank).
-        budget: ``"free"`` keeps the policy's ranks; ``"match"`` (constant
-          rank's count), ``"default"`` (constant rank on mlx-lm's default
-          window, ``default_units``) or a parameter count rescales them to it.
-        report: called with one line for each thing worth telling the user.
+        base_rank: ``lora_parameters.rank``.
+        default_units: ``{module path: units}`` of mlx-lm's default window
+          (what ``--rank-budget default`` prices).
         policies: ``{name: policy}``; default :data:`POLICIES`.
-        default_units: ``{module path: units}`` of mlx-lm's default window.
-        rank_range: the dynamic range of sensitivity a policy may use.
+        report: called with one line for each thing worth telling the user.
 
     Returns:
-        ``{module path: rank}`` in the modules' order; 0 leaves a module out.
+        ``({module path: rank}, allowed)``: ranks in the modules' order (0
+        leaves a module out), never over the budget; ``allowed`` is ``None``
+        for ``free``.
     """
     policies = POLICIES if policies is None else policies
     check_base_rank(base_rank)
-    if policy not in policies:
+    name = settings.rank_scaling
+    if name not in policies:
         raise OptiqError(
-            f"unknown rank scaling {policy!r}; choose one of {', '.join(policies)}"
+            f"unknown rank scaling {name!r}; choose one of {', '.join(policies)}"
         )
-    budget = parse_budget(budget)
-    if not (isinstance(rank_range, (int, float)) and rank_range >= 1):
-        raise OptiqError(f"--rank-range must be a number >= 1, got {rank_range!r}")
-    allowed = budget_parameters(budget, units, base_rank, default_units)
+    allowed = budget_parameters(settings.budget, units, base_rank, default_units)
     context = RankContext(
         base_rank=base_rank,
         facts=facts,
         units=units,
         budget=allowed,
         report=report,
-        rank_range=float(rank_range),
+        rank_range=settings.rank_range,
     )
-    ranks = call_policy(policy, policies[policy], context)
+    ranks = call_policy(name, policies[name], context)
     if allowed is not None:
         ranks = fit_budget(ranks, units, allowed)
-    return ranks
+    return ranks, allowed
 
 
 def distribution(ranks: Mapping[str, int]) -> Dict[int, int]:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,7 +30,7 @@ from .metadata import SENSITIVITY
 METRIC = "kl_divergence_vs_reference"
 
 
-def block_linears(model):
+def block_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``[(module path, module)]`` for every linear layer inside ``model.layers``."""
     paths = {id(m): p for p, m in model.named_modules()}
     found = []
@@ -40,7 +41,7 @@ def block_linears(model):
     return found
 
 
-def as_float(module):
+def as_float(module: nn.Module) -> nn.Module:
     """The module as an ``nn.Linear`` (dequantized if it is quantized)."""
     if not isinstance(module, nn.QuantizedLinear):
         return module
@@ -60,7 +61,7 @@ def as_float(module):
     return linear
 
 
-def quantized(module, bits, group_size):
+def quantized(module: nn.Module, bits: int, group_size: int) -> nn.QuantizedLinear:
     return nn.QuantizedLinear.from_linear(as_float(module), group_size, bits)
 
 
@@ -82,7 +83,7 @@ def _log_probs(model, tokens):
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def mean_kl(model, batches, reference):
+def mean_kl(model: nn.Module, batches, reference) -> float:
     """Mean over real tokens of KL(reference || model)."""
     total, count = 0.0, 0.0
     for (tokens, mask), ref in zip(batches, reference):
@@ -93,7 +94,9 @@ def mean_kl(model, batches, reference):
     return max(total / count, 0.0)
 
 
-def token_sequences(tokenizer, data_dir, count, max_length):
+def token_sequences(
+    tokenizer, data_dir, count: int, max_length: int
+) -> List[List[int]]:
     """The first ``count`` rows of ``train.jsonl`` (else ``valid.jsonl``) as
     token lists, through mlx-lm's own dataset classes (text, chat, completions)."""
     import types
@@ -119,7 +122,7 @@ def token_sequences(tokenizer, data_dir, count, max_length):
     return sequences
 
 
-def settings_of(args, sequences, model_path):
+def settings_of(args: argparse.Namespace, sequences, model_path) -> dict:
     fingerprint = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()[:16]
     return {
         "model": str(model_path),
@@ -146,7 +149,7 @@ def _resume(out, settings):
     return {layer["layer_name"]: layer for layer in doc.get("layers", [])}
 
 
-def measure(args):
+def measure(args: argparse.Namespace) -> Path:
     import mlx_lm
     from tqdm import tqdm
 
@@ -187,15 +190,7 @@ def measure(args):
             layers.append(done[path])
             continue
         if path in skipped:
-            in_dims, out_dims = as_float(module).weight.shape[::-1]
-            layers.append(
-                {
-                    "layer_name": path,
-                    "skipped": skipped[path],
-                    "sensitivities": {},
-                    "param_count": in_dims * out_dims,
-                }
-            )
+            layers.append(_layer(path, module, {}, skipped=skipped[path]))
             continue
         sensitivities = {}
         for bits in args.bits:
@@ -206,33 +201,38 @@ def measure(args):
             else:
                 sensitivities[str(bits)] = 0.0
             bar.update(1)
-        in_dims, out_dims = as_float(module).weight.shape[::-1]
-        layers.append(
-            {
-                "layer_name": path,
-                "sensitivities": sensitivities,
-                "param_count": in_dims * out_dims,
-            }
-        )
+        layers.append(_layer(path, module, sensitivities))
         _write(out, settings, layers, complete=False)
     bar.close()
     _write(out, settings, layers, complete=True)
+    print(_summary(out, layers, skipped, min(args.bits)))
+    return out
+
+
+def _layer(path, module, sensitivities, skipped=None):
+    """One entry of the ``layers`` list of ``optiq/sensitivity.json``."""
+    in_dims, out_dims = as_float(module).weight.shape[::-1]
+    entry = {"layer_name": path, "sensitivities": sensitivities}
+    if skipped:
+        entry["skipped"] = skipped
+    return {**entry, "param_count": in_dims * out_dims}
+
+
+def _summary(out, layers, skipped, lowest):
     measured = [l for l in layers if not l.get("skipped")]
-    lowest = str(min(args.bits))
     line = f"wrote {out}: {len(measured)} modules measured"
     if skipped:
         line += f", {len(skipped)} skipped (not quantizable)"
     if measured:
-        worst = max(measured, key=lambda l: l["sensitivities"][lowest])
+        worst = max(measured, key=lambda l: l["sensitivities"][str(lowest)])
         line += (
             f"; most sensitive at {lowest} bits: {worst['layer_name']} "
-            f"(KL {worst['sensitivities'][lowest]:.4g})"
+            f"(KL {worst['sensitivities'][str(lowest)]:.4g})"
         )
-    print(line)
-    return out
+    return line
 
 
-def unquantizable(module, group_size):
+def unquantizable(module: nn.Module, group_size: int) -> Optional[str]:
     """Why mlx-lm would leave ``module`` unquantized at ``group_size``, or ``None``."""
     in_dims = as_float(module).weight.shape[-1]
     if in_dims % group_size:
@@ -272,7 +272,7 @@ def _bits(text):
     return bits
 
 
-def add_quantization_arguments(parser):
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     """``--bits`` and ``--group-size``, the same for sensitivity and quantize."""
     parser.add_argument(
         "--bits", type=_bits, default=[4, 8], help="candidate bit-widths (default 4,8)"
@@ -285,7 +285,7 @@ def add_quantization_arguments(parser):
     )
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mlx_lm_optiq.sensitivity",
         description="Measure, per linear module, the KL divergence caused by "
@@ -318,7 +318,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     return run_command(measure, build_parser().parse_args(argv))
 
 

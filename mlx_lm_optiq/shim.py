@@ -1,22 +1,28 @@
-"""The backport of ``patches/`` into an unpatched mlx-lm; the only code that patches it.
+"""The boundary with mlx-lm's training code: the backport of ``patches/``, and the probe.
 
 - patch 0001: ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``
   (rank 0 leaves a module as it is);
 - patch 0002: the plugin hook call sites. ``mlx_lm.lora`` calls
   ``mlx_lm_lora_add_arguments`` when it builds its parser,
-  ``mlx_lm_lora_parameters`` before converting layers and
-  ``mlx_lm_lora_adapter_saved`` after training; ``load_adapters`` calls
-  ``mlx_lm_load_adapters`` first; ``main`` reports an error a plugin raised on
-  purpose as one line. The hooks run on
+  ``mlx_lm_lora_configure`` before it loads the model,
+  ``mlx_lm_lora_parameters`` before converting layers,
+  ``mlx_lm_lora_training_functions`` for what ``train`` and ``evaluate``
+  take, and ``mlx_lm_lora_adapter_saved`` after training; ``load_adapters``
+  calls ``mlx_lm_load_adapters`` first; ``main`` reports an error a plugin
+  raised on purpose as one line. The hooks run on
   :func:`mlx_lm_optiq.mlx_lm_hookspecs.get_plugin_manager`.
+- :func:`conversion_targets`: which modules ``linear_to_lora_layers`` would
+  adapt, asked of mlx-lm's own code (patched or not).
 
 Each patch is a small named function that wraps one name where mlx-lm looks it
 up, is idempotent, is undone by :func:`uninstall`, and passes straight through
-when nothing is asked of it. With a patched mlx-lm none of it runs. It imports
+when nothing is asked of it. With a patched mlx-lm none of the patches runs.
+Every swap of an mlx-lm module attribute here holds one lock. It imports
 mlx-lm, pluggy and the mlx-lm hookspecs, nothing else of this package.
 """
 
 import contextlib
+import contextvars
 import functools
 import importlib.metadata
 import importlib.util
@@ -32,6 +38,8 @@ SUPPORTED_MLX_LM = ((0, 32, 2), (0, 33, 0))
 
 _patched = {}  # (module name, attribute) -> original
 _lock = threading.RLock()  # guards every swap of mlx-lm module attributes
+# (args, model) of the train_model / evaluate_model call in progress
+_current_run = contextvars.ContextVar("mlx_lm_optiq_run", default=None)
 
 
 class UnsupportedMlxLm(RuntimeError):
@@ -52,12 +60,12 @@ def _check_version():
         )
 
 
-def upstream_has_hooks():
+def upstream_has_hooks() -> bool:
     """True for an mlx-lm that carries the ``patches/`` call sites itself."""
     return importlib.util.find_spec("mlx_lm.plugins") is not None
 
 
-def on_import(module):
+def on_import(module) -> None:
     """Post-import hook: patch ``module`` (``mlx_lm.tuner.utils`` or ``mlx_lm.lora``)."""
     if upstream_has_hooks():
         return
@@ -74,11 +82,15 @@ def on_import(module):
             _rebind(module, name, tuner_utils)
         _rebind(sys.modules["mlx_lm.tuner"], "linear_to_lora_layers", tuner_utils)
         _wrap(module, "build_parser", _build_parser)
+        _wrap(module, "run", _run)
         _wrap(module, "train_model", _train_model)
+        _wrap(module, "evaluate_model", _evaluate_model)
+        _wrap(module, "train", _with_training_functions)
+        _wrap(module, "evaluate", _with_training_functions)
         _wrap(module, "main", _main)
 
 
-def uninstall():
+def uninstall() -> None:
     """Restore every wrapped function; safe to call more than once."""
     with _lock:
         for (module_name, attr), original in list(_patched.items()):
@@ -120,6 +132,62 @@ def _hook():
     return get_plugin_manager().hook
 
 
+# -- The layer classes linear_to_lora_layers looks up by name -----------------
+
+
+@contextlib.contextmanager
+def _lora_classes_replaced(stand_in):
+    """Replace each LoRA/DoRA layer class of ``mlx_lm.tuner.utils`` (the names
+    its inner ``to_lora`` looks up) by ``stand_in(cls)`` for the block."""
+    tuner_utils = sys.modules["mlx_lm.tuner.utils"]
+    names = [
+        name
+        for name, value in vars(tuner_utils).items()
+        if isinstance(value, type) and hasattr(value, "from_base")
+    ]
+    with _lock:
+        saved = {name: getattr(tuner_utils, name) for name in names}
+        try:
+            for name, cls in saved.items():
+                setattr(tuner_utils, name, stand_in(cls))
+            yield
+        finally:
+            for name, cls in saved.items():
+                setattr(tuner_utils, name, cls)
+
+
+class _Probe:
+    """Records each base layer it is asked to convert and hands it back."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def from_base(self, layer, **kwargs):
+        self.seen.append(layer)
+        return layer
+
+
+def conversion_targets(
+    model, num_layers: int, lora_parameters: dict, use_dora: bool = False
+) -> list:
+    """``[(module path, module)]`` that ``linear_to_lora_layers`` would adapt.
+
+    Runs mlx-lm's own conversion with stand-in layer classes that hand each
+    base layer back unchanged, so the answer follows mlx-lm's rules exactly
+    and the model, and the random stream, are left as they were.
+    """
+    import mlx_lm.tuner.utils as tuner_utils
+
+    paths = {id(m): p for p, m in model.named_modules()}
+    seen = []
+    convert = tuner_utils.linear_to_lora_layers
+    convert = getattr(convert, "__optiq_original__", convert)
+    params = {k: v for k, v in lora_parameters.items() if k != "rank_pattern"}
+    with _lora_classes_replaced(lambda cls: _Probe(seen)):
+        convert(model, num_layers, params, use_dora=use_dora)
+    return [(paths[id(layer)], layer) for layer in seen]
+
+
 # -- Patch 0001: rank_pattern in linear_to_lora_layers ------------------------
 
 
@@ -140,26 +208,6 @@ class _RankedFactory:
         if rank == 0:
             return layer  # left out: stays the frozen base layer
         return self.cls.from_base(layer, r=rank, **kwargs)
-
-
-@contextlib.contextmanager
-def _ranked_classes(choose_rank):
-    tuner_utils = sys.modules["mlx_lm.tuner.utils"]
-    # the LoRA/DoRA layer classes that to_lora looks up by name
-    names = [
-        name
-        for name, value in vars(tuner_utils).items()
-        if isinstance(value, type) and hasattr(value, "from_base")
-    ]
-    with _lock:
-        saved = {name: getattr(tuner_utils, name) for name in names}
-        try:
-            for name, cls in saved.items():
-                setattr(tuner_utils, name, _RankedFactory(cls, choose_rank))
-            yield
-        finally:
-            for name, cls in saved.items():
-                setattr(tuner_utils, name, cls)
 
 
 def _linear_to_lora_layers(original, model, num_layers, config, use_dora=False):
@@ -184,7 +232,7 @@ def _linear_to_lora_layers(original, model, num_layers, config, use_dora=False):
         used.add(path)
         return rank
 
-    with _ranked_classes(choose_rank):
+    with _lora_classes_replaced(lambda cls: _RankedFactory(cls, choose_rank)):
         result = original(model, num_layers, config, use_dora=use_dora)
     unused = sorted(set(pattern) - used)
     if unused:
@@ -209,15 +257,43 @@ def _build_parser(original):
     return parser
 
 
+def _run(original, args, training_callback=None):
+    _hook().mlx_lm_lora_configure(args=args)
+    return original(args, training_callback)
+
+
 def _train_model(original, args, model, train_set, valid_set, training_callback=None):
     lora_parameters = _hook().mlx_lm_lora_parameters(args=args, model=model)
     if lora_parameters is not None:
         args.lora_parameters = lora_parameters
-    result = original(args, model, train_set, valid_set, training_callback)
+    token = _current_run.set((args, model))
+    try:
+        result = original(args, model, train_set, valid_set, training_callback)
+    finally:
+        _current_run.reset(token)
     _hook().mlx_lm_lora_adapter_saved(
         args=args, model=model, adapter_path=Path(args.adapter_path)
     )
     return result
+
+
+def _evaluate_model(original, args, model, test_set):
+    token = _current_run.set((args, model))
+    try:
+        return original(args, model, test_set)
+    finally:
+        _current_run.reset(token)
+
+
+def _with_training_functions(original, *args, **kwargs):
+    """``train`` or ``evaluate`` as ``train_model`` / ``evaluate_model`` call
+    them, with the loss and batch iterator a plugin chose."""
+    current = _current_run.get()
+    if current is not None and not {"loss", "iterate_batches"} & set(kwargs):
+        run_args, model = current
+        functions = _hook().mlx_lm_lora_training_functions(args=run_args, model=model)
+        kwargs.update(functions or {})
+    return original(*args, **kwargs)
 
 
 def _main(original):

@@ -8,15 +8,17 @@ an interrupted or diverged run leaves a previous adapter as it was.
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from . import adapter_read, atomic
 from .atomic import atomic_write_json
 from .errors import OptiqError
+from .layout import CONFIG
 
 STAGING = "partial"
 
 
-def stage(args):
+def stage(args) -> Path:
     """Point mlx-lm at a new directory beside ``--adapter-path`` for this run.
 
     mlx-lm writes its config, checkpoints and weights there; the finished set
@@ -52,19 +54,19 @@ def stage(args):
     return staging
 
 
-def target_of(staging):
+def target_of(staging) -> Optional[Path]:
     """The adapter directory a staging directory of :func:`stage` is for."""
     staging = Path(staging)
     name, sep, token = staging.name.rpartition(f".{STAGING}-")
     return staging.with_name(name) if sep and len(token) == 8 else None
 
 
-def finish(args, staging):
+def finish(args, staging: Path) -> Path:
     """Move a finished run from ``staging`` into its adapter directory."""
     target = target_of(staging)
-    config = adapter_read.read_json(staging / adapter_read.CONFIG)
+    config = adapter_read.read_json(staging / CONFIG)
     config["adapter_path"] = str(target)
-    atomic_write_json(staging / adapter_read.CONFIG, config)
+    atomic_write_json(staging / CONFIG, config)
     try:
         atomic.replace_dir(staging, target)
     except OSError as e:

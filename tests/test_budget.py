@@ -164,7 +164,7 @@ def test_padded_export_of_left_out_modules_loads_in_stock_mlx_lm(
 
 
 def test_served_adapter_with_left_out_modules(left_out, mixed_model):
-    from mlx_lm_optiq.serve import AdapterRegistry
+    from mlx_lm_optiq.registry import AdapterRegistry
 
     expected = logits(mlx_lm.load(str(mixed_model), adapter_path=str(left_out))[0])
     registry = AdapterRegistry()

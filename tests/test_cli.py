@@ -266,3 +266,37 @@ def test_bad_rank_is_refused(cli, bad, mixed_model, data_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1
     assert "rank must be a positive integer" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        (["--rank-budget", "abc"], "--rank-budget 'abc': give free, match, default "
+         "or a number of adapter parameters such as 250000, 250k or 1.3M"),
+        (["--rank-range", "0"], "--rank-range '0': must be a number >= 1"),
+        (["--rank-range", "0", "--rank-budget", "-1"], "--rank-range '0': must be a "
+         "number >= 1; --rank-budget '-1': give free, match, default or a number"),
+        ("yaml", "--rank-range 0.5: must be a number >= 1"),
+    ],
+    ids=["budget", "range", "both", "yaml"],
+)  # fmt: skip
+def test_bad_settings_stop_before_the_model_loads(
+    cli, bad, problem, mixed_model, data_dir, tmp_path
+):
+    """Checked once mlx-lm has merged the command line and YAML: one line,
+    exit 1, before the model is loaded and before anything is written."""
+    if bad == "yaml":
+        config = tmp_path / "config.yaml"
+        config.write_text("rank_scaling: by_bits\nrank_range: 0.5\n")
+        bad = ["-c", config]
+    proc = cli.lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS,
+        "--rank-scaling", "by_bits", *bad, "--adapter-path", tmp_path / "x", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        line for line in proc.stderr.strip().splitlines() if problem in line
+    ]
+    assert proc.stderr.startswith("mlx_lm.lora: error: ")
+    assert "Loading pretrained model" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "x").exists()

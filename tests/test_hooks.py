@@ -18,12 +18,14 @@ HOOKS = [
 ]
 
 
-def test_there_are_seven_hooks():
+def test_there_are_nine_hooks():
     assert sorted(name for _, name, _ in HOOKS) == [
         "mlx_lm_load_adapters",
         "mlx_lm_lora_adapter_saved",
         "mlx_lm_lora_add_arguments",
+        "mlx_lm_lora_configure",
         "mlx_lm_lora_parameters",
+        "mlx_lm_lora_training_functions",
         "optiq_adapter_saved",
         "optiq_register_metadata_readers",
         "optiq_register_rank_policies",
@@ -36,6 +38,8 @@ TESTED_BY = {
     "optiq_register_metadata_readers": "test_hooks.py::test_third_party_metadata_reader_comes_after_builtins",
     "optiq_adapter_saved": "test_hooks.py::test_optiq_adapter_saved_runs_after_the_builtins_wrote",
     "mlx_lm_lora_add_arguments": "test_cli.py::test_help_explains_the_new_options",
+    "mlx_lm_lora_configure": "test_cli.py::test_bad_settings_stop_before_the_model_loads",
+    "mlx_lm_lora_training_functions": "test_shim.py::test_training_functions_reach_train_and_evaluate",
     "mlx_lm_lora_parameters": "test_shim.py::test_hooks_pass_through_when_nothing_is_asked",
     "mlx_lm_lora_adapter_saved": "test_cli.py::test_sidecar_records_every_module",
     "mlx_lm_load_adapters": "test_load.py::test_adapter_without_rank_pattern_loads_from_shapes",
@@ -179,7 +183,7 @@ def test_optiq_adapter_saved_runs_after_the_builtins_wrote(tmp_path, trained_run
     recorder = Recorder()
     pm.register(recorder)
     try:
-        pm.hook.optiq_adapter_saved(run=run_, adapter_dir=adapter_dir)
+        pm.hook.optiq_adapter_saved(record=run_, adapter_dir=adapter_dir, run=run_)
     finally:
         pm.unregister(recorder)
     # the built-ins run first, so a plugin sees the files they wrote
@@ -198,25 +202,21 @@ def test_optiq_adapter_saved_runs_after_the_builtins_wrote(tmp_path, trained_run
 
 @pytest.fixture
 def trained_run(tmp_path, by_bits_adapter):
-    """A Run rebuilt from a trained adapter, and a copy of its weights."""
-    from mlx_lm_optiq.hookspecs import Run
-    from mlx_lm_optiq.metadata import ModuleFacts
+    """The record of a trained adapter, and a copy of its staged files."""
+    from mlx_lm_optiq.adapter_record import from_adapter_dir
 
-    sidecar = json.loads((by_bits_adapter / "optiq_lora_config.json").read_text())
-    config = json.loads((by_bits_adapter / "adapter_config.json").read_text())
     adapter_dir = tmp_path / "copy"
     adapter_dir.mkdir()
-    for name in ("adapters.safetensors", "adapter_config.json"):
+    config = json.loads((by_bits_adapter / "adapter_config.json").read_text())
+    peft_keys = {"peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
+                 "alpha_pattern", "task_type", "base_model_name_or_path", "bias",
+                 "fan_in_fan_out", "lora_dropout"}  # fmt: skip
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k not in peft_keys})
+    )  # as mlx-lm wrote it, before the built-ins add PEFT's keys
+    for name in ("adapters.safetensors", "optiq_lora_config.json"):
         (adapter_dir / name).write_bytes((by_bits_adapter / name).read_bytes())
-    modules = sidecar["modules"]
-    run_ = Run(
-        scaling="by_bits", budget="free", base_rank=4, base_model=sidecar["base_model"],
-        lora_parameters=config["lora_parameters"], ranks={p: m["rank"] for p, m in modules.items()},
-        units={p: 1 for p in modules},
-        facts={p: ModuleFacts(m["bits"], m["bits_source"]) for p, m in modules.items()},
-        model_type="llama",
-    )  # fmt: skip
-    return run_, adapter_dir
+    return from_adapter_dir(adapter_dir), adapter_dir
 
 
 def test_mlx_lm_hooks_are_what_the_shim_calls():
@@ -233,6 +233,7 @@ def test_mlx_lm_hooks_are_what_the_shim_calls():
 
 def test_old_policy_signature_still_works_with_a_deprecation_warning():
     from mlx_lm_optiq.ranks import assign
+    from mlx_lm_optiq.settings import RunSettings
 
     def old_style(base_rank, facts, report):
         report("old style")
@@ -246,8 +247,10 @@ def test_old_policy_signature_still_works_with_a_deprecation_warning():
     said = []
     policies = {"old": old_style, "new": new_style}
     with pytest.warns(DeprecationWarning, match="'old' takes .* RankContext"):
-        old = assign("old", 4, facts, {"a": 1, "b": 1}, "free", said.append, policies)
-    new = assign("new", 4, facts, {"a": 1, "b": 1}, "free", said.append, policies)
+        old, _ = assign(RunSettings(rank_scaling="old"), facts, {"a": 1, "b": 1},
+                        base_rank=4, report=said.append, policies=policies)  # fmt: skip
+    new, _ = assign(RunSettings(rank_scaling="new"), facts, {"a": 1, "b": 1},
+                    base_rank=4, report=said.append, policies=policies)  # fmt: skip
     assert old == new == {"a": 8, "b": 8}
     assert said == ["old style", "new style"]
 

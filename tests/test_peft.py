@@ -296,7 +296,7 @@ def test_adapter_for_another_base_is_refused_before_any_change(
     _peft_adapter(hf_dir, tmp_path / "a", r=4, target_modules=["q_proj"])
     wider = tiny_model.build_model(models / "llama-wide", hidden=128, intermediate=256)
     model, _ = mlx_lm.load(str(wider))
-    from mlx_lm_optiq.lora_hooks import load_peft_adapter
+    from mlx_lm_optiq.adapter_load import load_peft_adapter
 
     with pytest.raises(
         ValueError, match="adapts a 128->128 layer .* another base model"
@@ -320,11 +320,11 @@ def test_unverified_architecture_is_refused(tmp_path, by_bits_adapter):
 
 
 def test_info_reads_peft_dir(llama_pair, tmp_path):
-    from mlx_lm_optiq.adapter_read import read_adapter
+    from mlx_lm_optiq.adapter_record import from_adapter_dir
 
     _, hf_dir = llama_pair
     _peft_adapter(hf_dir, tmp_path / "a", **PEFT_CASES["patterns"])
-    summary = read_adapter(tmp_path / "a")
+    summary = from_adapter_dir(tmp_path / "a")
     assert summary.kind == "peft"
     # 2 layers x 7 modules; v_proj at 12 in both, down_proj of layer 1 at 6
     assert sorted(summary.ranks.values()) == [4] * 11 + [6] + [12, 12]

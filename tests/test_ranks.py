@@ -12,10 +12,26 @@ from mlx_lm_optiq.ranks import (
     describe_layers,
     distribution,
     fit_budget,
-    match_budget,
     parameter_count,
-    parse_budget,
 )
+from mlx_lm_optiq.settings import RunSettings, parse_budget
+
+def assign_ranks(
+    policy, base_rank, facts, units, budget="free", report=print, policies=None,
+    rank_range=4.0,
+):  # fmt: skip
+    """``ranks.assign`` with the settings a run with these options has."""
+    settings = RunSettings(
+        rank_scaling=policy, rank_budget=budget, rank_range=rank_range
+    )
+    ranks, _ = assign(
+        settings, facts, units, base_rank=base_rank, policies=policies, report=report
+    )
+    return ranks
+
+
+def match_budget(ranks, units, base_rank):
+    return fit_budget(ranks, units, constant_parameters(units, base_rank))
 
 
 def facts(**bits_kl):
@@ -27,7 +43,7 @@ def facts(**bits_kl):
 
 def test_constant():
     f = facts(a=(4, None), b=(8, None))
-    assert assign("constant", 8, f, {"a": 1, "b": 1}) == {"a": 8, "b": 8}
+    assert assign_ranks("constant", 8, f, {"a": 1, "b": 1}) == {"a": 8, "b": 8}
 
 
 @pytest.mark.parametrize(
@@ -44,24 +60,26 @@ def test_constant():
     ],
 )
 def test_by_bits_is_ceil_r_bits_over_4_with_floor(bits, base, rank):
-    assert assign("by_bits", base, facts(m=(bits, None)), {"m": 10}) == {"m": rank}
+    assert assign_ranks("by_bits", base, facts(m=(bits, None)), {"m": 10}) == {
+        "m": rank
+    }
 
 
 def test_by_bits_without_any_bits_explains():
     with pytest.raises(OptiqError, match="needs quantization information"):
-        assign("by_bits", 8, facts(a=(None, None)), {"a": 1})
+        assign_ranks("by_bits", 8, facts(a=(None, None)), {"a": 1})
 
 
 def test_by_kl_clips_to_half_and_double_of_median():
     f = facts(a=(4, 1.0), b=(4, 2.0), c=(4, 100.0), d=(4, 0.01), e=(4, 1.5))
     # median 1.5: a -> ceil(8 * 0.667) = 6, b -> ceil(8 * 1.333) = 11
-    ranks = assign("by_kl", 8, f, dict.fromkeys(f, 1))
+    ranks = assign_ranks("by_kl", 8, f, dict.fromkeys(f, 1))
     assert ranks == {"a": 6, "b": 11, "c": 16, "d": 4, "e": 8}
 
 
 def test_by_kl_falls_back_to_by_bits_and_says_so():
     said = []
-    ranks = assign(
+    ranks = assign_ranks(
         "by_kl",
         4,
         facts(a=(4, None), b=(8, None)),
@@ -74,10 +92,10 @@ def test_by_kl_falls_back_to_by_bits_and_says_so():
 
 def test_unknown_policy_and_bad_base_rank():
     with pytest.raises(OptiqError, match="choose one of constant, by_bits, by_kl"):
-        assign("by_depth", 8, facts(a=(4, None)), {"a": 1})
+        assign_ranks("by_depth", 8, facts(a=(4, None)), {"a": 1})
     for bad in (0, -2, 2.5, True):
         with pytest.raises(OptiqError, match="positive integer"):
-            assign("constant", bad, facts(a=(4, None)), {"a": 1})
+            assign_ranks("constant", bad, facts(a=(4, None)), {"a": 1})
 
 
 def test_match_budget_never_exceeds_constant_and_keeps_order():
@@ -119,7 +137,7 @@ def test_parse_budget(text, count):
 @pytest.mark.parametrize("bad", ["lots", "-5", "0", "1.5x", "", True, 0])
 def test_parse_budget_refuses(bad):
     with pytest.raises(OptiqError, match="rank-budget"):
-        parse_budget(bad)
+        RunSettings(rank_scaling="constant", rank_budget=bad)
 
 
 UNITS = {f"model.layers.{i}.{m}": u for i in range(4) for m, u in
@@ -156,7 +174,7 @@ def test_allocate_follows_kl_and_leaves_the_least_sensitive_out():
           for p in UNITS}  # fmt: skip
     f = facts(**{p: (4, k) for p, k in kl.items()})
     budget = constant_parameters(UNITS, 4)
-    ranks = assign("allocate", 4, f, UNITS, "match", rank_range=4.0)
+    ranks = assign_ranks("allocate", 4, f, UNITS, "match", rank_range=4.0)
     assert parameter_count(ranks, UNITS) <= budget
     assert budget - parameter_count(ranks, UNITS) < min(UNITS.values())
     assert all(ranks[p] == 0 for p in UNITS if "k_proj" in p)  # 1/1000: left out
@@ -166,16 +184,16 @@ def test_allocate_follows_kl_and_leaves_the_least_sensitive_out():
         and top > 2 * ranks["model.layers.2.self_attn.q_proj"]
     )
     # a wider range concentrates more; range 1 is constant rank over the budget
-    wide = assign("allocate", 4, f, UNITS, "match", rank_range=100.0)
+    wide = assign_ranks("allocate", 4, f, UNITS, "match", rank_range=100.0)
     assert wide["model.layers.2.mlp.down_proj"] > top
-    flat = assign("allocate", 4, f, UNITS, "match", rank_range=1.0)
+    flat = assign_ranks("allocate", 4, f, UNITS, "match", rank_range=1.0)
     assert set(flat.values()) <= {4, 5} and parameter_count(flat, UNITS) == budget
 
 
 def test_allocate_without_kl_spreads_evenly_and_says_so():
     said = []
     f = facts(**{p: (4, None) for p in UNITS})
-    ranks = assign("allocate", 4, f, UNITS, 2000, said.append)
+    ranks = assign_ranks("allocate", 4, f, UNITS, 2000, said.append)
     assert any("spread evenly" in line for line in said)
     assert len({r for r in ranks.values() if r}) <= 2  # one rank, maybe one step above
     assert parameter_count(ranks, UNITS) <= 2000
@@ -186,7 +204,7 @@ def test_policies_may_leave_modules_out_and_budgets_keep_them_out():
         return {p: 0 if i % 2 else 6 for i, p in enumerate(context.facts)}
 
     f = facts(**{p: (4, None) for p in UNITS})
-    ranks = assign("half", 4, f, UNITS, "match", policies={"half": half})
+    ranks = assign_ranks("half", 4, f, UNITS, "match", policies={"half": half})
     assert [r for i, r in enumerate(ranks.values()) if i % 2] == [0] * 6
     assert parameter_count(ranks, UNITS) <= constant_parameters(UNITS, 4)
     assert "6 left out (rank 0)" in describe(ranks, UNITS, 4)

@@ -206,7 +206,7 @@ def test_load_and_unload_at_runtime(server, adapters, adapter_dir, mixed_model):
 
 
 def test_registry_swaps_layers_without_copying_weights(mixed_model, adapters):
-    from mlx_lm_optiq.serve import AdapterRegistry
+    from mlx_lm_optiq.registry import AdapterRegistry
 
     registry = AdapterRegistry()
     for name, path in adapters.items():
@@ -253,7 +253,7 @@ def test_unload_then_load_the_same_name_serves_the_new_weights(
 
 
 def test_load_unload_cycles_leave_nothing_behind(mixed_model, adapters):
-    from mlx_lm_optiq.serve import AdapterRegistry
+    from mlx_lm_optiq.registry import AdapterRegistry
 
     registry = AdapterRegistry()
     model, _ = mlx_lm.load(str(mixed_model))
@@ -481,7 +481,7 @@ def test_a_failed_switch_leaves_the_previous_adapter_active(mixed_model, adapter
     """Whatever makes building the next adapter's layers fail, the model
     keeps serving what it served."""
     from mlx_lm_optiq import lora_layers
-    from mlx_lm_optiq.serve import AdapterRegistry
+    from mlx_lm_optiq.registry import AdapterRegistry
 
     registry = AdapterRegistry()
     model, tok = mlx_lm.load(str(mixed_model))
@@ -508,7 +508,7 @@ def _rss_mib():
 def test_switching_adapters_does_not_grow_memory(mixed_model, adapters):
     """Each switch used to leave ~4 KB per layer behind (a lazy chain on MLX's
     random key: 200 switches of 14 layers, ~11 MB)."""
-    from mlx_lm_optiq.serve import AdapterRegistry
+    from mlx_lm_optiq.registry import AdapterRegistry
 
     registry = AdapterRegistry()
     model, _ = mlx_lm.load(str(mixed_model))
@@ -532,7 +532,7 @@ def test_loading_on_request_threads_does_not_grow_memory(adapters):
     ~14 KB per thread that ever evaluated (300 loads: ~4 MB)."""
     import threading
 
-    from mlx_lm_optiq.serve import AdapterRegistry
+    from mlx_lm_optiq.registry import AdapterRegistry
 
     registry = AdapterRegistry()
 

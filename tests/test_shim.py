@@ -1,5 +1,6 @@
 """The start-up shim: activation, reversibility, version guard, packaging."""
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -19,6 +20,10 @@ WRAPPED = [
     (mlx_lm.lora, "load_adapters"),
     (mlx_lm.lora, "build_parser"),
     (mlx_lm.lora, "train_model"),
+    (mlx_lm.lora, "run"),
+    (mlx_lm.lora, "evaluate_model"),
+    (mlx_lm.lora, "train"),
+    (mlx_lm.lora, "evaluate"),
 ]
 
 
@@ -54,6 +59,44 @@ def test_hooks_pass_through_when_nothing_is_asked():
     args.resume_adapter_file = None
     hook = get_plugin_manager().hook
     assert hook.mlx_lm_lora_parameters(args=args, model=None) is None
+
+
+def test_training_functions_reach_train_and_evaluate(
+    tmp_path, mixed_model, data_dir, capsys
+):
+    """A plugin's loss is what training, validation and --test compute."""
+    import types
+
+    from conftest import TRAIN_ARGS
+    from mlx_lm.tuner.trainer import default_loss
+
+    from mlx_lm_optiq.mlx_lm_hookspecs import get_plugin_manager, hookimpl
+
+    class ConstantLoss:
+        @hookimpl
+        def mlx_lm_lora_training_functions(self, args, model):
+            def loss(model, batch, lengths):
+                ce, ntoks = default_loss(model, batch, lengths)
+                return ce * 0 + 7.0, ntoks
+
+            return {"loss": loss}
+
+    argv = ["--model", str(mixed_model), "--data", str(data_dir), *TRAIN_ARGS,
+            "--test", "--test-batches", "1", "--adapter-path", str(tmp_path / "a")]  # fmt: skip
+    args = vars(mlx_lm.lora.build_parser().parse_args(argv))
+    for key, value in mlx_lm.lora.CONFIG_DEFAULTS.items():
+        if args.get(key) is None:
+            args[key] = value
+    pm = get_plugin_manager()
+    plugin = pm.register(ConstantLoss())
+    try:
+        mlx_lm.lora.run(types.SimpleNamespace(**args))
+    finally:
+        pm.unregister(name=plugin)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # mlx-lm's colours
+    assert re.search(r"\n\s+4\s+val 7\.000\s", out)  # validation, last iteration
+    assert re.search(r"\n\s+4\s+7\.000\s", out)  # training loss, last iteration
+    assert "Test loss 7.000" in out
 
 
 def test_unsupported_version_is_refused(monkeypatch):
