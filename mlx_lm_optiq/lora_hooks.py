@@ -4,7 +4,7 @@ These pluggy hook implementations run whether a patched mlx-lm calls them
 (entry-point group ``mlx_lm``) or the shim does, and they are the only
 place that ties the rest together: the settings checked before the model
 loads (:mod:`.settings`), the plan (:mod:`.plan`: metadata in, ranks out),
-the base compute (:mod:`.train_step`), the adapter written and read back
+the training step (:mod:`.train_step`), the adapter written and read back
 (:mod:`.adapter_record`, :mod:`.builtin`) and loaded (:mod:`.adapter_load`).
 
 A run with ``--rank-scaling`` trains into a staging directory beside
@@ -69,6 +69,14 @@ def lora_parameters_for(run, args, model):
     if is_main_process():
         adapter_record.write_sidecar(record, staged)
     return params
+
+
+@hookimpl
+def mlx_lm_lora_training_functions(args, model):
+    run = run_settings(args)
+    if not run.active:
+        return None  # stock mlx-lm: its own batches and loss
+    return train_step.training_functions(run, model, _report)
 
 
 @hookimpl(wrapper=True)

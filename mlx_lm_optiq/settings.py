@@ -12,6 +12,7 @@ A run that names none of these options is stock mlx-lm: nothing changes.
 """
 
 import argparse
+import math
 import re
 from dataclasses import InitVar, dataclass, field, fields
 from typing import FrozenSet, Optional, Sequence, Union
@@ -21,11 +22,12 @@ from .errors import OptiqError
 
 BASE_COMPUTE = ("quantized", "dequantized", "auto")
 BUDGET_WORDS = ("free", "match", "default")
+DEFAULT_ALIGNMENT = 128
 
-GROUP_TITLE = "per-module LoRA ranks (mlx-lm-optiq)"
+GROUP_TITLE = "per-module LoRA ranks and a lean training step (mlx-lm-optiq)"
 GROUP_DESCRIPTION = (
-    "Give every adapted module its own LoRA rank, and spend a parameter budget "
-    "over the whole model. "
+    "Give every adapted module its own LoRA rank, spend a parameter budget "
+    "over the whole model, and train with aligned batches and a chunked loss. "
     "Each option is also a YAML key: the name with underscores (rank_scaling, "
     "rank_budget, ...). A run that uses none of them is stock mlx-lm."
 )
@@ -93,6 +95,27 @@ class RunSettings:
             choices=BASE_COMPUTE,
         ),
     )
+    align_inputs: Union[str, int] = field(
+        default="auto",
+        metadata=_option(
+            "pad each batch so the model's input length is a multiple of N (the "
+            "length MLX's fused attention backward needs on CUDA); padding is "
+            "masked, and --max-seq-length then counts model-input tokens. auto "
+            "(default): 128 on CUDA, off elsewhere; on: 128",
+            metavar="{auto,on,off,N}",
+        ),
+    )
+    loss_chunk: Union[str, int] = field(
+        default="auto",
+        metadata=_option(
+            "compute the loss N positions at a time from the final hidden "
+            "states, so the full batch x length x vocabulary logits never exist "
+            "(the gradient of each chunk is taken as it is computed). auto "
+            "(default): on CUDA, chunks of about 256 MB of float32 logits; off "
+            "elsewhere; on: the same size everywhere",
+            metavar="{auto,on,off,N}",
+        ),
+    )
     # which options the run named; none: stock mlx-lm
     given: FrozenSet[str] = field(default=frozenset(), metadata={"option": False})
     policies: InitVar[Sequence[str]] = ()
@@ -122,6 +145,8 @@ class RunSettings:
                 f"--base-compute {self.base_compute!r}: choose one of "
                 f"{', '.join(BASE_COMPUTE)}"
             )
+        check("align_inputs", _switch_or_count)
+        check("loss_chunk", _switch_or_count)
         self.budget = "free"
         try:
             self.budget = parse_budget(self.rank_budget)
@@ -142,6 +167,27 @@ class RunSettings:
         """Whether the run names any of these options (else: stock mlx-lm)."""
         return bool(self.given)
 
+    def alignment(self, device: str) -> Optional[int]:
+        """The model-input multiple batches are padded to on ``device``, or None."""
+        return _resolve(self.align_inputs, device, DEFAULT_ALIGNMENT)
+
+    def chunk(self, device: str, vocab_size: int) -> Optional[int]:
+        """Positions per chunk of the loss on ``device``, or None (mlx-lm's loss)."""
+        return _resolve(self.loss_chunk, device, auto_chunk(vocab_size))
+
+
+def auto_chunk(vocab_size: int) -> int:
+    """Positions whose float32 logits take about 256 MB: a power of two, 256 to
+    8192."""
+    positions = 2**26 / max(vocab_size, 1)
+    return int(min(8192, max(256, 2 ** math.floor(math.log2(positions)))))
+
+
+def _resolve(value, device, size):
+    if value == "off" or (value == "auto" and device != "cuda"):
+        return None
+    return size if value in ("auto", "on") else value
+
 
 def _positive_whole(value):
     if isinstance(value, str) and value.strip().isdigit():
@@ -159,6 +205,19 @@ def _at_least_one(value):
     if not is_finite(number) or number < 1:
         raise OptiqError("must be a number >= 1")
     return float(number)
+
+
+def _switch_or_count(value):
+    # YAML reads on/off as true/false
+    if value is True or value is False:
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in ("auto", "on", "off"):
+        return value.strip().lower()
+    try:
+        count = _positive_whole(value)
+    except OptiqError:
+        raise OptiqError("give auto, on, off or a positive number") from None
+    return count
 
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")

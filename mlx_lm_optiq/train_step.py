@@ -4,14 +4,25 @@ mlx-lm's loop, optimizers, schedules and checkpoints do the training; this
 module only chooses what its ``train()`` computes with:
 
 - the base: with ``--base-compute dequantized`` frozen float copies of the
-  quantized layers stand in for them (:func:`apply_base_compute`).
+  quantized layers stand in for them (:func:`apply_base_compute`);
+- the batches: padded so the model's input length is a multiple of
+  ``--align-inputs`` (MLX's fused attention backward needs a multiple of 128
+  on CUDA), and without batches that have no target token
+  (:func:`batch_iterator`);
+- the loss: cross-entropy ``--loss-chunk`` positions at a time from the final
+  hidden states, so the full logits never exist (:func:`chunked_loss`).
+
+Both are handed to ``train()`` and ``evaluate()`` through the
+``mlx_lm_lora_training_functions`` hook.
 """
 
 import os
+from typing import Callable, Optional, Tuple
 
 import mlx.nn as nn
 
 from . import lora_layers
+from .errors import OptiqError
 from .settings import RunSettings
 
 
@@ -61,3 +72,254 @@ def apply_base_compute(settings: RunSettings, model: nn.Module, report=print) ->
         f"base compute: dequantized: {len(layers)} quantized layers run as "
         f"{_size(size)} of float copies; the adapter is for the quantized model"
     )
+
+
+# -- Batches: aligned, and without batches that teach nothing -----------------
+
+
+def target_tokens(lengths, width) -> int:
+    """Target tokens of a batch ``width`` tokens wide, as mlx-lm's loss masks
+    them: position ``s`` in ``1..width-1`` of a row counts when ``offset <= s
+    <= length`` (``lengths`` rows are ``(offset, length)``)."""
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    first = np.maximum(lengths[:, 0], 1)
+    last = np.minimum(lengths[:, 1], width - 1)
+    return int(np.maximum(last - first + 1, 0).sum())
+
+
+def aligned(batch, lengths, multiple: int, cap: int):
+    """``batch`` padded (or cut) so the model's input, all but the last token,
+    is the smallest multiple of ``multiple`` that holds every row's
+    ``length - 1`` tokens, at most ``cap``."""
+    import mlx.core as mx
+
+    longest = int(mx.max(lengths[:, 1]).item())
+    inputs = min(-(-max(longest - 1, 1) // multiple) * multiple, cap)
+    width = inputs + 1
+    if batch.shape[1] >= width:
+        return batch[:, :width]
+    return mx.pad(batch, [(0, 0), (0, width - batch.shape[1])])
+
+
+class SkippedBatches:
+    """Counts batches with no target token, and says so with the count.
+
+    With ``--mask-prompt``, a batch whose every prompt fills
+    ``--max-seq-length`` has nothing to learn from; mlx-lm's loss would
+    divide by zero. The first skip is reported, then each doubling of the
+    count; a pass over the data in which no batch has a target stops the run.
+    """
+
+    def __init__(self, report=print):
+        self.report = report
+        self.count = 0
+        self.in_a_row = 0
+
+    def skip(self, batches_per_pass: int) -> None:
+        self.count += 1
+        self.in_a_row += 1
+        if self.count & (self.count - 1) == 0:  # 1, 2, 4, 8, ...
+            self.report(
+                f"warning: {self.count} batch{'es' if self.count > 1 else ''} with no "
+                "target token skipped so far (every prompt of the batch fills "
+                "--max-seq-length with --mask-prompt); the loss is over the others"
+            )
+        if self.in_a_row > batches_per_pass:
+            raise OptiqError(
+                "no batch of the data has a target token: every prompt fills "
+                "--max-seq-length with --mask-prompt; raise --max-seq-length or "
+                "shorten the prompts"
+            )
+
+    def kept(self) -> None:
+        self.in_a_row = 0
+
+
+def batch_iterator(
+    iterate_batches: Callable, alignment: Optional[int], skipped: SkippedBatches
+) -> Callable:
+    """mlx-lm's ``iterate_batches`` with aligned inputs and without batches
+    that have no target token.
+
+    With ``alignment``, ``max_seq_length`` counts model-input tokens: rows
+    keep ``max_seq_length + 1`` tokens, and the input is padded to a
+    multiple of ``alignment`` (the cap rounded down to one). The padding is
+    masked as mlx-lm masks its own, so the loss is the same; mlx-lm's own
+    sorting, batching and shuffling are kept as they are.
+    """
+
+    def iterate(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):  # fmt: skip
+        keep = max_seq_length
+        if alignment:
+            cap = max(alignment, max_seq_length // alignment * alignment)
+            keep = cap + 1
+        per_pass = max(len(dataset) // batch_size, 1)
+        batches = iterate_batches(
+            dataset=dataset,
+            batch_size=batch_size,
+            max_seq_length=keep,
+            loop=loop,
+            seed=seed,
+            comm_group=comm_group,
+        )
+        for batch, lengths in batches:
+            if alignment:
+                batch = aligned(batch, lengths, alignment, keep - 1)
+            if target_tokens(lengths, batch.shape[1]) == 0:
+                skipped.skip(per_pass)
+                continue
+            skipped.kept()
+            yield batch, lengths
+
+    return iterate
+
+
+# -- The loss: chunked cross-entropy from the final hidden states -------------
+
+
+def find_head(model: nn.Module) -> Tuple[Optional[Callable], object]:
+    """``(head, vocabulary size)`` with ``head(model.model(x)) == model(x)``, or
+    ``(None, why not)``.
+
+    The head is ``lm_head`` or the tied embeddings' ``as_linear``, with logit
+    soft-capping where the model has it, checked on a few tokens against the
+    model itself: a model that computes its logits any other way is found
+    out, and trains with mlx-lm's loss.
+    """
+    import mlx.core as mx
+
+    backbone = getattr(model, "model", None)
+    if not isinstance(backbone, nn.Module):
+        return None, f"{type(model).__name__} has no .model backbone"
+    if "lm_head" in model:
+        project = model.lm_head
+    elif hasattr(getattr(backbone, "embed_tokens", None), "as_linear"):
+        project = backbone.embed_tokens.as_linear
+    else:
+        return None, f"{type(model).__name__} has no lm_head or tied embeddings"
+    cap = getattr(model, "final_logit_softcapping", None)
+
+    def head(hidden):
+        logits = project(hidden)
+        return mx.tanh(logits / cap) * cap if cap else logits
+
+    training = model.training
+    model.eval()  # no dropout in the check
+    try:
+        tokens = mx.array([[1, 2, 3, 4, 5]])
+        want = model(tokens).astype(mx.float32)
+        got = head(backbone(tokens)).astype(mx.float32)
+        same = want.shape == got.shape and mx.allclose(got, want, rtol=1e-2, atol=1e-2)
+    finally:
+        model.train(training)
+    if not same:
+        return None, "its logits are not lm_head or the embeddings of model.model"
+    return head, want.shape[-1]
+
+
+def chunked_cross_entropy(head: Callable, chunk: int) -> Callable:
+    """``f(hidden, targets, mask) -> (sum of masked CE, its gradient)``.
+
+    The logits of ``chunk`` positions at a time are projected, reduced and
+    discarded; the gradient with respect to the hidden states is computed as
+    each chunk is, so neither pass ever holds the batch x length x vocabulary
+    logits, and the backward is one multiplication.
+    """
+    import mlx.core as mx
+
+    @mx.custom_function
+    def cross_entropy(hidden, targets, mask):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        targets, mask = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+        total, grads, done = mx.array(0.0, mx.float32), [], None
+        for start in range(0, flat.shape[0], chunk):
+            h, t, m = (a[start : start + chunk] for a in (flat, targets, mask))
+            if done is not None:
+                # one chunk at a time: this chunk's logits only once the last
+                # chunk's sum and gradient are done and its logits freed
+                h = mx.depends(h, done)
+            logits = head(h).astype(mx.float32)
+            picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+            part = ((mx.logsumexp(logits, axis=-1) - picked) * m).sum()
+            dlogits = mx.softmax(logits, axis=-1) * m[:, None]
+            dlogits = dlogits.at[mx.arange(t.shape[0]), t].add(-m)
+            grads.append(mx.vjp(head, [h], [dlogits.astype(h.dtype)])[1][0])
+            total, done = total + part, [part, grads[-1]]
+        return total, mx.concatenate(grads).reshape(hidden.shape)
+
+    @cross_entropy.vjp
+    def backward(primals, cotangents, outputs):
+        hidden, targets, mask = primals
+        grad = (outputs[1] * cotangents[0]).astype(hidden.dtype)
+        return grad, mx.zeros_like(targets), mx.zeros_like(mask)
+
+    return cross_entropy
+
+
+def chunked_loss(head: Callable, chunk: int) -> Callable:
+    """mlx-lm's ``default_loss`` computed ``chunk`` positions at a time.
+
+    Args:
+        head: the output head, from :func:`find_head`; the hidden states are
+          ``model.model``'s, of the model ``train`` passes (LoRA layers in).
+        chunk: positions per chunk.
+    """
+    import mlx.core as mx
+
+    with_grad = chunked_cross_entropy(head, chunk)
+
+    def loss(model, batch, lengths):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        hidden = model.model(inputs)
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        ntoks = mask.sum()
+        if model.training:
+            total, _ = with_grad(hidden, targets, mask)
+        else:  # evaluation needs no gradient
+            total = _cross_entropy_sum(head, hidden, targets, mask, chunk)
+        return total / mx.maximum(ntoks, 1), ntoks
+
+    return loss
+
+
+def _cross_entropy_sum(head, hidden, targets, mask, chunk):
+    import mlx.core as mx
+
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    targets, mask = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+    total = mx.array(0.0, mx.float32)
+    for start in range(0, flat.shape[0], chunk):
+        h, t, m = (a[start : start + chunk] for a in (flat, targets, mask))
+        logits = head(mx.depends(h, total)).astype(mx.float32)
+        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        total = total + ((mx.logsumexp(logits, axis=-1) - picked) * m).sum()
+    return total
+
+
+def training_functions(settings: RunSettings, model, report=print) -> dict:
+    """The ``loss`` and ``iterate_batches`` a run of the plugin trains with.
+
+    ``--align-inputs`` and ``--loss-chunk`` decide, per device (``auto``: on
+    CUDA); a batch with no target token is always skipped and counted. The
+    line printed says what was chosen and why.
+    """
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    device = device_kind()
+    alignment = settings.alignment(device)
+    chosen = {"iterate_batches": batch_iterator(iterate_batches, alignment, SkippedBatches(report))}  # fmt: skip
+    said = [f"inputs aligned to {alignment} tokens" if alignment else "inputs as mlx-lm pads them"]  # fmt: skip
+    head, vocab = find_head(model)
+    chunk = settings.chunk(device, vocab) if head else None
+    if head is None and settings.chunk(device, 1) is not None:
+        report(f"note: --loss-chunk is off for this model ({vocab}): mlx-lm's loss")
+    if chunk:
+        chosen["loss"] = chunked_loss(head, chunk)
+        said.append(f"loss in chunks of {chunk} positions")
+    else:
+        said.append("mlx-lm's loss")
+    report(f"training step ({device}): " + ", ".join(said))
+    return chosen

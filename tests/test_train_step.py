@@ -1,0 +1,224 @@
+"""The training step: aligned batches and the chunked loss equal mlx-lm's.
+
+Float32 tiny models of three architectures built in code; the loss and the
+gradients of every LoRA parameter are compared with mlx-lm's
+``default_loss``, and whole training runs through ``train_model`` with
+mlx-lm's per-step losses.
+"""
+
+import importlib
+import types
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm.lora
+import numpy as np
+import pytest
+import tiny_model
+from conftest import TRAIN_ARGS, lora
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.trainer import default_loss, iterate_batches
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_lm_optiq import train_step
+from mlx_lm_optiq.settings import RunSettings
+
+ARCHITECTURES = {
+    "llama": dict(tie_word_embeddings=True, head_dim=16),
+    "qwen2": dict(tie_word_embeddings=False),
+    "gemma2": dict(head_dim=16, final_logit_softcapping=5.0, query_pre_attn_scalar=16),
+}
+
+
+def tiny(arch, seed=0):
+    """A float32 model of ``arch`` with LoRA layers whose ``lora_b`` is not 0."""
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    config = {
+        "model_type": arch, "hidden_size": 64, "num_hidden_layers": 2,
+        "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "vocab_size": 300, "rope_theta": 10000.0,
+        **ARCHITECTURES[arch],
+    }  # fmt: skip
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    noise = [
+        (path, mx.random.normal(value.shape) * 0.05)
+        for path, value in tree_flatten(model.trainable_parameters())
+        if path.endswith("lora_b")
+    ]  # so that every gradient is non-zero
+    model.update(tree_unflatten(noise))
+    mx.eval(model.parameters())
+    return model
+
+
+def batch_of(rows=3, width=41, vocab=300, seed=1):
+    rng = np.random.default_rng(seed)
+    batch = mx.array(rng.integers(0, vocab, (rows, width)), dtype=mx.int32)
+    # (offset, length): a prompt masked in the second row, a short third row
+    lengths = mx.array([[0, width], [7, width - 3], [0, 12]][:rows])
+    return batch, lengths
+
+
+def value_and_grads(model, loss, batch, lengths):
+    (value, ntoks), grads = nn.value_and_grad(model, loss)(model, batch, lengths)
+    return value.item(), ntoks.item(), dict(tree_flatten(grads))
+
+
+def relative(a, b):
+    return float(mx.abs(a - b).max() / (mx.abs(b).max() + 1e-12))
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("chunk", [16, 37, 1024])
+def test_chunked_loss_equals_mlx_lm_loss_and_gradients(arch, chunk):
+    model = tiny(arch)
+    head, vocab = train_step.find_head(model)
+    assert head is not None and vocab == 300
+    batch, lengths = batch_of()
+    want, want_tokens, want_grads = value_and_grads(model, default_loss, batch, lengths)
+    loss = train_step.chunked_loss(head, chunk)
+    got, got_tokens, got_grads = value_and_grads(model, loss, batch, lengths)
+    assert got_tokens == want_tokens == 40 + 32 + 12
+    assert train_step.target_tokens(lengths, batch.shape[1]) == want_tokens
+    assert abs(got - want) <= 1e-4 * abs(want)
+    assert set(got_grads) == set(want_grads) and len(got_grads) == 2 * 2 * 7
+    for name, grad in want_grads.items():
+        assert relative(got_grads[name], grad) <= 1e-4, name
+    # evaluation (no gradient) gives the same value
+    model.eval()
+    value, _ = loss(model, batch, lengths)
+    model.train()
+    assert abs(value.item() - want) <= 1e-4 * abs(want)
+
+
+def test_chunked_loss_compiles_as_mlx_lm_compiles_its_step():
+    model = tiny("llama")
+    head, _ = train_step.find_head(model)
+    batch, lengths = batch_of()
+    state = [model.state]
+    step = mx.compile(
+        lambda b, l: nn.value_and_grad(model, train_step.chunked_loss(head, 8))(
+            model, b, l
+        ),
+        inputs=state,
+        outputs=state,
+    )
+    (value, _), grads = step(batch, lengths)
+    want, _, want_grads = value_and_grads(model, default_loss, batch, lengths)
+    assert abs(value.item() - want) <= 1e-4 * abs(want)
+    for name, grad in dict(tree_flatten(grads)).items():
+        assert relative(grad, want_grads[name]) <= 1e-4, name
+
+
+def test_a_head_that_is_not_found_is_said():
+    class Scaled(importlib.import_module("mlx_lm.models.llama").Model):
+        def __call__(self, inputs, cache=None, input_embeddings=None):
+            return 2 * super().__call__(inputs, cache, input_embeddings)
+
+    args = importlib.import_module("mlx_lm.models.llama").ModelArgs.from_dict(
+        tiny_model.model_config("llama")
+    )
+    head, why = train_step.find_head(Scaled(args))
+    assert head is None and "not lm_head or the embeddings" in why
+    said = []
+    settings = RunSettings(loss_chunk=16, given=frozenset({"loss_chunk"}))
+    chosen = train_step.training_functions(settings, Scaled(args), said.append)
+    assert "loss" not in chosen
+    assert [line for line in said if line.startswith("note:")] == [
+        f"note: --loss-chunk is off for this model ({why}): mlx-lm's loss"
+    ]
+
+
+def test_aligned_batches_are_mlx_lm_batches_padded():
+    data = [([1] * n, 0) for n in (5, 9, 40, 70, 130, 131, 200)] * 2
+    stock = list(iterate_batches(data, 2, 2048, seed=0))
+    skipped = train_step.SkippedBatches()
+    ours = list(
+        train_step.batch_iterator(iterate_batches, 128, skipped)(data, 2, 2048, seed=0)
+    )
+    assert len(ours) == len(stock) and skipped.count == 0
+    for (b, l), (sb, sl) in zip(ours, stock):
+        assert np.array_equal(np.array(l), np.array(sl))
+        assert (b.shape[1] - 1) % 128 == 0  # the model's input
+        width = min(b.shape[1], sb.shape[1])
+        assert np.array_equal(np.array(b[:, :width]), np.array(sb[:, :width]))
+        assert not np.array(b[:, width:]).any()  # the padding is zeros
+    # --max-seq-length counts model-input tokens: rows keep 257 tokens
+    data += [([1] * 300, 0)] * 2
+    capped = list(
+        train_step.batch_iterator(iterate_batches, 128, skipped)(data, 2, 256, seed=0)
+    )
+    assert max(b.shape[1] for b, _ in capped) == 257
+    assert max(int(l[:, 1].max()) for _, l in capped) == 257
+
+
+def _train(model_path, data_dir, tmp_path, **options):
+    """Per-step training losses of ``train_model`` with these options."""
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import load_dataset
+
+    argv = ["--model", str(model_path), "--data", str(data_dir), *TRAIN_ARGS,
+            "--steps-per-report", "1", "--adapter-path", str(tmp_path)]  # fmt: skip
+    args = vars(mlx_lm.lora.build_parser().parse_args(argv))
+    args.update(options)
+    for key, value in mlx_lm.lora.CONFIG_DEFAULTS.items():
+        if args.get(key) is None:
+            args[key] = value
+    args = types.SimpleNamespace(**args)
+    model, tokenizer = load(str(model_path))
+    train_set, valid_set, _ = load_dataset(args, tokenizer)
+
+    class Losses:
+        def __init__(self):
+            self.train = []
+
+        def on_train_loss_report(self, info):
+            self.train.append(info["train_loss"])
+
+        def on_val_loss_report(self, info):
+            pass
+
+    losses = Losses()
+    np.random.seed(args.seed)  # as mlx_lm.lora.run does: the batch order
+    mlx_lm.lora.train_model(args, model, train_set, valid_set, losses)
+    return losses.train
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"align_inputs": 128}, {"loss_chunk": 16}, {"align_inputs": 64, "loss_chunk": 7}],
+    ids=["aligned", "chunked", "both"],
+)
+def test_training_losses_are_mlx_lm_losses(options, fp_model, data_dir, tmp_path):
+    """Data that fits: the per-step losses of a whole run are stock mlx-lm's."""
+    stock = _train(fp_model, data_dir, tmp_path / "stock")
+    ours = _train(fp_model, data_dir, tmp_path / "ours", **options)
+    assert len(ours) == len(stock) == 4
+    assert np.allclose(ours, stock, rtol=1e-4, atol=0), (ours, stock)
+
+
+def test_both_options_in_help_and_yaml(mixed_model, data_dir, tmp_path):
+    out = " ".join(lora("--help").stdout.split())
+    assert "--align-inputs {auto,on,off,N}" in out
+    assert "--loss-chunk {auto,on,off,N}" in out
+    config = tmp_path / "c.yaml"
+    config.write_text("align_inputs: 64\nloss_chunk: 16\n")
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "-c", config,
+        "--adapter-path", tmp_path / "a",
+    )  # fmt: skip
+    assert (
+        "training step (cpu): inputs aligned to 64 tokens, loss in chunks of 16 "
+        "positions" in proc.stdout
+    )
+    # off (YAML reads it as false) and auto on the CPU: mlx-lm's own
+    config.write_text("align_inputs: off\nloss_chunk: auto\n")
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "-c", config,
+        "--adapter-path", tmp_path / "b",
+    )  # fmt: skip
+    assert "training step (cpu): inputs as mlx-lm pads them, mlx-lm's loss" in (
+        proc.stdout
+    )
