@@ -15,6 +15,9 @@
 # The studies of benchmarks/README.md, each started as a job:
 #         bash benchmarks/device.sh start smollm2 bash benchmarks/device.sh study-smollm2
 #         bash benchmarks/device.sh start qwen bash benchmarks/device.sh study-qwen
+#         bash benchmarks/device.sh start step bash benchmarks/device.sh study-step
+#           (needs only MLX: ../shared/tools/mlx-cuda-parts.sh's .dev/a, then
+#            . .dev/b/install.sh in the call that starts it)
 set -euo pipefail
 CHUNK=$((63 * 1024 * 1024))
 W=${DEVICE_WORK:-/root/w}
@@ -104,6 +107,17 @@ study-qwen)
     while [ ! -f $W/smollm2.rc ]; do sleep 5; done
     python3 benchmarks/allocation.py "${common[@]}" --rows default,constant_all,winner \
         --winner-from $W/results/allocation_smollm2-135m.json --gsm8k 219
+    ;;
+study-step)
+    # the training step on one H200: its pieces (MLX vs PyTorch), then the map
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    mkdir -p $W/results
+    python3 benchmarks/layer_speed.py --size 1B --batch 4 --length 2048 \
+        --out $W/results/layer_speed_1B.json
+    python3 benchmarks/layer_speed.py --size 8B --batch 1 --length 8192 \
+        --out $W/results/layer_speed_8B.json
+    python3 benchmarks/step_speed.py --plans speed,memory --sizes 1B,8B,3B \
+        --budget-seconds "${BUDGET:-1020}" --out $W/results/step_speed.json
     ;;
 collect)
     mkdir -p "$OUT"
