@@ -73,6 +73,7 @@ setup)
     ;;
 start)
     name=${1:?NAME}; shift
+    mkdir -p $W
     export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
     # a new session: it runs on after this call returns, until the machine goes back
     setsid nohup bash -c "$* ; echo \$? > $W/$name.rc" > $W/$name.log 2>&1 < /dev/null &

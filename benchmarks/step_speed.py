@@ -10,11 +10,13 @@ except PEFT:
   row to L tokens and feeds L - 1 to the model;
 - ``stock_aligned``: stock with its best setting, ``--max-seq-length L + 1``:
   the model's input is L, a multiple of 128;
-- ``plugin``: the plugin's ``iterate_batches`` (inputs aligned to 128) and
-  chunked loss (``--align-inputs on --loss-chunk on``), ``--max-seq-length L``;
-- ``plugin_bf16_lora`` (speed only): the plugin, with the LoRA matrices cast
-  to the activations' dtype for their two matmuls (mlx-lm's LoRALinear
-  computes them in float32, as PEFT's default does): is that worth an option?
+- ``plugin``: the plugin's training step as ``auto`` chooses it on CUDA:
+  inputs aligned to 128, the chunked loss, the LoRA matmuls in bf16
+  (``--align-inputs on --loss-chunk on --lora-compute input``),
+  ``--max-seq-length L``;
+- ``plugin_f32_lora`` (speed only): the same with mlx-lm's float32 LoRA
+  matmuls (``--lora-compute float32``), which is what 2026-12-01's run
+  called ``plugin`` (and its ``plugin_bf16_lora`` is today's ``plugin``).
 - ``peft``: transformers + PEFT, ``sdpa`` attention, ``labels=input_ids``.
 
 Plans, in the order they run (``--plans``):
@@ -53,7 +55,7 @@ from ceiling import ARCHITECTURE, KINDS, LORA_LAYERS, SIZES, extrapolate  # noqa
 from common import print_table, write_result  # noqa: E402
 
 RANK = 8
-MLX_VARIANTS = ("stock", "stock_aligned", "plugin", "plugin_bf16_lora")
+MLX_VARIANTS = ("stock", "stock_aligned", "plugin", "plugin_f32_lora")
 
 
 # -- one process: one framework, one model size --------------------------------
@@ -105,10 +107,11 @@ def mlx_measure(model, size, variant, batch, length, iters):
 
     functions = {}
     if variant.startswith("plugin"):
-        asked = RunSettings(align_inputs="on", loss_chunk="on", given=frozenset({"align_inputs"}))  # fmt: skip
+        lora_compute = "float32" if variant == "plugin_f32_lora" else "input"
+        asked = RunSettings(align_inputs="on", loss_chunk="on", lora_compute=lora_compute,
+                            given=frozenset({"align_inputs"}))  # fmt: skip
         functions = train_step.training_functions(asked, model, report=lambda line: None)  # fmt: skip
     max_seq = length + 1 if variant == "stock_aligned" else length
-    restore = _lora_in_compute_dtype(model) if variant == "plugin_bf16_lora" else []
     reports = []
 
     class Record(TrainingCallback):
@@ -130,8 +133,7 @@ def mlx_measure(model, size, variant, batch, length, iters):
               None, args, training_callback=Record(), **functions)  # fmt: skip
     finally:
         block.__call__ = call
-        for layer, cls in restore:
-            layer.__class__ = cls
+        _plain_lora(model)  # the next variant starts from mlx-lm's layers
         shutil.rmtree(work, ignore_errors=True)
     steady = reports[1:] or reports
     seconds = median(1 / r["iterations_per_second"] for r in steady)
@@ -140,22 +142,12 @@ def mlx_measure(model, size, variant, batch, length, iters):
             "model_input": length - 1 if variant == "stock" else length}  # fmt: skip
 
 
-def _lora_in_compute_dtype(model):
-    """Make every LoRALinear multiply by its matrices cast to the input's dtype."""
+def _plain_lora(model):
     from mlx_lm.tuner.lora import LoRALinear
 
-    class ComputeDtypeLoRA(LoRALinear):
-        def __call__(self, x):
-            y = self.linear(x)
-            a, b = self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype)
-            return y + (self.scale * ((self.dropout(x) @ a) @ b)).astype(x.dtype)
-
-    changed = []
     for _, module in model.named_modules():
-        if type(module) is LoRALinear:
-            changed.append((module, LoRALinear))
-            module.__class__ = ComputeDtypeLoRA
-    return changed
+        if isinstance(module, LoRALinear):
+            module.__class__ = LoRALinear
 
 
 def torch_model(size):

@@ -19,7 +19,7 @@ from .layout import CONFIG
 from .settings import RunSettings
 
 # what the sidecar records of how the run trained, as asked
-STEP_SETTINGS = ("base_compute", "align_inputs", "loss_chunk")
+STEP_SETTINGS = ("base_compute", "align_inputs", "loss_chunk", "lora_compute")
 
 
 def is_main_process() -> bool:

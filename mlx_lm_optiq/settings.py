@@ -21,6 +21,7 @@ from .checks import is_finite, is_whole
 from .errors import OptiqError
 
 BASE_COMPUTE = ("quantized", "dequantized", "auto")
+LORA_COMPUTE = ("auto", "float32", "input")
 BUDGET_WORDS = ("free", "match", "default")
 DEFAULT_ALIGNMENT = 128
 
@@ -116,6 +117,17 @@ class RunSettings:
             metavar="{auto,on,off,N}",
         ),
     )
+    lora_compute: str = field(
+        default="auto",
+        metadata=_option(
+            "the dtype of the LoRA matmuls. float32: as mlx-lm computes them "
+            "(activations upcast, as PEFT's default does); input: the LoRA "
+            "matrices cast to the activations' dtype (bf16 for a bf16 model), "
+            "their weights and optimizer state staying float32; auto (default): "
+            "input on CUDA, float32 elsewhere",
+            choices=LORA_COMPUTE,
+        ),
+    )
     # which options the run named; none: stock mlx-lm
     given: FrozenSet[str] = field(default=frozenset(), metadata={"option": False})
     policies: InitVar[Sequence[str]] = ()
@@ -145,6 +157,11 @@ class RunSettings:
                 f"--base-compute {self.base_compute!r}: choose one of "
                 f"{', '.join(BASE_COMPUTE)}"
             )
+        if self.lora_compute not in LORA_COMPUTE:
+            problems.append(
+                f"--lora-compute {self.lora_compute!r}: choose one of "
+                f"{', '.join(LORA_COMPUTE)}"
+            )
         check("align_inputs", _switch_or_count)
         check("loss_chunk", _switch_or_count)
         self.budget = "free"
@@ -170,6 +187,12 @@ class RunSettings:
     def alignment(self, device: str) -> Optional[int]:
         """The model-input multiple batches are padded to on ``device``, or None."""
         return _resolve(self.align_inputs, device, DEFAULT_ALIGNMENT)
+
+    def lora_in_input_dtype(self, device: str) -> bool:
+        """Whether the LoRA matmuls run in the activations' dtype on ``device``."""
+        return self.lora_compute == "input" or (
+            self.lora_compute == "auto" and device == "cuda"
+        )
 
     def chunk(self, device: str, vocab_size: int) -> Optional[int]:
         """Positions per chunk of the loss on ``device``, or None (mlx-lm's loss)."""

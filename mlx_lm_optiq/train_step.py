@@ -10,7 +10,9 @@ module only chooses what its ``train()`` computes with:
   on CUDA), and without batches that have no target token
   (:func:`batch_iterator`);
 - the loss: cross-entropy ``--loss-chunk`` positions at a time from the final
-  hidden states, so the full logits never exist (:func:`chunked_loss`).
+  hidden states, so the full logits never exist (:func:`chunked_loss`);
+- the LoRA matmuls: with ``--lora-compute input`` in the activations' dtype
+  (:func:`lora_in_input_dtype`).
 
 Both are handed to ``train()`` and ``evaluate()`` through the
 ``mlx_lm_lora_training_functions`` hook.
@@ -20,6 +22,7 @@ import os
 from typing import Callable, Optional, Tuple
 
 import mlx.nn as nn
+from mlx_lm.tuner.lora import LoRALinear
 
 from . import lora_layers
 from .errors import OptiqError
@@ -299,6 +302,37 @@ def _cross_entropy_sum(head, hidden, targets, mask, chunk):
     return total
 
 
+class InputDtypeLoRALinear(LoRALinear):
+    """mlx-lm's LoRALinear, its two matmuls in the input's dtype.
+
+    mlx-lm keeps ``lora_a`` and ``lora_b`` in float32, so a bf16 input is
+    upcast and both matmuls, their outputs and their gradients run in
+    float32: memory-bound work on a GPU, and float32 copies of every adapted
+    activation. Here the matrices are cast down for the product instead; the
+    weights, their gradients and the optimizer's state stay float32.
+    """
+
+    def __call__(self, x):
+        a, b = self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype)
+        z = (self.dropout(x) @ a) @ b
+        return self.linear(x) + (self.scale * z).astype(x.dtype)
+
+
+def lora_in_input_dtype(model: nn.Module) -> int:
+    """Make every plain LoRA layer of ``model`` an :class:`InputDtypeLoRALinear`.
+
+    Only the class changes: the same parameters, frozen state and tensor
+    names, so what is trained and saved is what mlx-lm would save. Returns
+    how many layers changed.
+    """
+    changed = 0
+    for _, module in model.named_modules():
+        if type(module) is LoRALinear:
+            module.__class__ = InputDtypeLoRALinear
+            changed += 1
+    return changed
+
+
 def training_functions(settings: RunSettings, model, report=print) -> dict:
     """The ``loss`` and ``iterate_batches`` a run of the plugin trains with.
 
@@ -321,5 +355,7 @@ def training_functions(settings: RunSettings, model, report=print) -> dict:
         said.append(f"loss in chunks of {chunk} positions")
     else:
         said.append("mlx-lm's loss")
+    if settings.lora_in_input_dtype(device) and lora_in_input_dtype(model):
+        said.append("LoRA matmuls in the activations' dtype")
     report(f"training step ({device}): " + ", ".join(said))
     return chosen

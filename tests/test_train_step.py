@@ -222,3 +222,51 @@ def test_both_options_in_help_and_yaml(mixed_model, data_dir, tmp_path):
     assert "training step (cpu): inputs as mlx-lm pads them, mlx-lm's loss" in (
         proc.stdout
     )
+
+
+def test_lora_in_the_input_dtype():
+    """Float32: the very function; bf16: within bf16 rounding, the weights and
+    their gradients still float32, the same parameter names."""
+    model = tiny("llama")
+    batch, lengths = batch_of()
+    names = [n for n, _ in tree_flatten(model.trainable_parameters())]
+    want, _, want_grads = value_and_grads(model, default_loss, batch, lengths)
+    assert train_step.lora_in_input_dtype(model) == 2 * 7
+    assert [n for n, _ in tree_flatten(model.trainable_parameters())] == names
+    got, _, got_grads = value_and_grads(model, default_loss, batch, lengths)
+    assert got == want  # float32 activations: the cast changes nothing
+    for name, grad in want_grads.items():
+        assert mx.array_equal(got_grads[name], grad), name
+
+    stock = tiny("llama")
+    for m in (model, stock):
+        m.set_dtype(mx.bfloat16, lambda dtype: dtype == mx.float32)
+        for _, layer in m.named_modules():
+            if hasattr(layer, "lora_a"):  # LoRA weights stay float32, as mlx-lm keeps them
+                layer.lora_a = layer.lora_a.astype(mx.float32)
+                layer.lora_b = layer.lora_b.astype(mx.float32)
+    want, _, want_grads = value_and_grads(stock, default_loss, batch, lengths)
+    got, _, got_grads = value_and_grads(model, default_loss, batch, lengths)
+    assert abs(got - want) <= 2e-2 * abs(want)
+    for name, grad in want_grads.items():
+        assert got_grads[name].dtype == mx.float32
+        assert relative(got_grads[name], grad) <= 5e-2, name
+
+
+def test_lora_compute_through_the_cli(fp_model, data_dir, tmp_path):
+    proc = lora(
+        "--model", fp_model, "--data", data_dir, *TRAIN_ARGS,
+        "--lora-compute", "input", "--adapter-path", tmp_path / "a",
+    )  # fmt: skip
+    assert "LoRA matmuls in the activations' dtype" in proc.stdout
+    stock = lora(
+        "--model", fp_model, "--data", data_dir, *TRAIN_ARGS,
+        "--adapter-path", tmp_path / "b",
+    )  # fmt: skip
+    # a float32 model: the same losses, the same kind of adapter file
+    ours = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+    theirs = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].dtype == mx.float32
+        assert mx.allclose(ours[name], theirs[name], atol=1e-5), name
