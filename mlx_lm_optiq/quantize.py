@@ -13,7 +13,6 @@ Writes an mlx-lm model directory with per-module ``quantization`` entries in
 """
 
 import argparse
-import json
 import shutil
 import sys
 from collections import Counter
@@ -22,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ._cli import run_command
 from .atomic import atomic_write_dir, atomic_write_json
+from .checks import is_whole
 from .errors import OptiqError
 from .metadata import OPTIQ_METADATA, SENSITIVITY, read_sensitivity
 
@@ -85,10 +85,17 @@ def choose_bits(
 
 
 def _sensitivity_modules(source_path, candidates):
-    with open(source_path) as f:
-        doc = json.load(f)
+    """``({module path: (weights, {bits: kl})}, skipped, partial)`` from a
+    sensitivity file, checked: ``partial`` when it measured a subset
+    (``--layers``/``--modules``) on purpose."""
+    from .adapter_read import read_json
+
+    doc = read_json(source_path)
     read_sensitivity(source_path)  # validates: names the file and the problem
     measured = [l for l in doc["layers"] if not l.get("skipped")]
+    bad = [l["layer_name"] for l in doc["layers"] if not is_whole(l.get("param_count"))]
+    if bad:
+        raise OptiqError(f"{bad[0]}: 'param_count' must be a whole number", source_path)
     missing = [
         b
         for b in candidates
@@ -100,17 +107,17 @@ def _sensitivity_modules(source_path, candidates):
             f"--bits {','.join(map(str, candidates))}",
             source_path,
         )
-    return {
-        layer["layer_name"]: (
-            layer["param_count"],
-            {int(b): kl for b, kl in layer["sensitivities"].items()},
-        )
-        for layer in doc["layers"]
-    }, {layer["layer_name"] for layer in doc["layers"] if layer.get("skipped")}
+    modules = {
+        l["layer_name"]: (l["param_count"], {int(b): kl for b, kl in l["sensitivities"].items()})
+        for l in doc["layers"]
+    }  # fmt: skip
+    skipped = {l["layer_name"] for l in doc["layers"] if l.get("skipped")}
+    return modules, skipped, doc.get("measured") is not None
 
 
-def _check_coverage(modules, linears, model_path, sensitivity):
-    """The sensitivity file names exactly the model's block linear modules."""
+def _check_coverage(modules, linears, model_path, sensitivity, partial):
+    """The sensitivity file names the model's block linear modules, every one
+    unless it measured a subset on purpose; returns those it did not measure."""
     unknown = sorted(set(modules) - set(linears))
     if unknown:
         raise OptiqError(
@@ -119,6 +126,13 @@ def _check_coverage(modules, linears, model_path, sensitivity):
             sensitivity,
         )
     uncovered = sorted(set(linears) - set(modules))
+    if uncovered and partial:
+        print(
+            f"note: {len(uncovered)} modules were not measured (sensitivity "
+            "--layers/--modules): they stay at the highest candidate bits, outside "
+            "the bits-per-weight budget"
+        )
+        return uncovered
     if uncovered:
         raise OptiqError(
             f"no entry for {len(uncovered)} modules (e.g. {uncovered[0]}); was it "
@@ -191,7 +205,7 @@ def quantize(args: argparse.Namespace) -> Path:
 
     model_path = Path(args.model)
     sensitivity = _sensitivity_file(args, model_path)
-    modules, not_measured = _sensitivity_modules(sensitivity, args.bits)
+    modules, not_measured, partial = _sensitivity_modules(sensitivity, args.bits)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):  # before the slow part
         raise OptiqError("exists and is not empty; remove it or pick another path", out)
@@ -203,7 +217,7 @@ def quantize(args: argparse.Namespace) -> Path:
             model_path,
         )
     linears = dict(block_linears(model))
-    _check_coverage(modules, linears, model_path, sensitivity)
+    _check_coverage(modules, linears, model_path, sensitivity, partial)
     kept_float = _kept_float(linears, not_measured, args.group_size, sensitivity)
     quantized = {p: v for p, v in modules.items() if p not in kept_float}
     if not quantized:
@@ -244,7 +258,7 @@ def quantize(args: argparse.Namespace) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sensitivity import add_quantization_arguments
+    from .sensitivity import add_quantization_arguments, positive
 
     parser = argparse.ArgumentParser(
         prog="python -m mlx_lm_optiq.quantize",
@@ -254,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, help="directory to write")
     parser.add_argument(
         "--target-bpw",
-        type=float,
+        type=positive(float),
         required=True,
         help="bits per weight budget, e.g. 5.0",
     )

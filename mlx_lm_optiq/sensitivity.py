@@ -1,19 +1,28 @@
 """Measure quantization sensitivity: ``python -m mlx_lm_optiq.sensitivity MODEL --data DIR``.
 
 For each linear module of each transformer block and each candidate
-bit-width, quantize that module alone, run the model on text from the
+bit-width, quantize that module alone, run the model on rows of the
 training data, and record the KL divergence of its next-token distribution
 from the model as loaded. The result is OptiQ's ``optiq/sensitivity.json``
 shape, which ``--rank-scaling by_kl`` and ``mlx_lm_optiq.quantize`` read.
 
-The file is rewritten (atomically) after every module, so an interrupted run
-resumes where it stopped when started again with the same settings.
+A trial changes nothing before its own block, so the reference pass keeps
+every block's input (every k-th block's when they would take more than
+``--cache-gb``), and each trial runs from there, with every candidate
+bit-width of its module stacked into one batch. Before the first trial the
+command prints how many there are, and after the first module the measured
+seconds per trial and an estimate. ``--layers`` and ``--modules`` limit what
+is measured. The file is rewritten (atomically) after every module, so Ctrl-C
+leaves a file the same command resumes, never an empty folder.
 """
 
 import argparse
 import hashlib
 import json
+import math
+import re
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -28,16 +37,28 @@ from .errors import OptiqError
 from .metadata import SENSITIVITY
 
 METRIC = "kl_divergence_vs_reference"
+GROUP_SIZES = (32, 64, 128)
 
 
 def block_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``[(module path, module)]`` for every linear layer inside ``model.layers``."""
+    return [(t.path, t.module) for t in _block_linears(model)]
+
+
+class _Target:
+    """A module to measure: its block, its path in the model and in the block."""
+
+    def __init__(self, block, path, inside, module):
+        self.block, self.path, self.inside, self.module = block, path, inside, module
+
+
+def _block_linears(model):
     paths = {id(m): p for p, m in model.named_modules()}
     found = []
-    for block in model.layers:
-        for _, module in block.named_modules():
+    for i, block in enumerate(model.layers):
+        for inside, module in block.named_modules():
             if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-                found.append((paths[id(module)], module))
+                found.append(_Target(i, paths[id(module)], inside, module))
     return found
 
 
@@ -65,10 +86,6 @@ def quantized(module: nn.Module, bits: int, group_size: int) -> nn.QuantizedLine
     return nn.QuantizedLinear.from_linear(as_float(module), group_size, bits)
 
 
-def _set_module(model, path, module):
-    model.update_modules(tree_unflatten([(path, module)]))
-
-
 def _batches(sequences, batch_size):
     for i in range(0, len(sequences), batch_size):
         chunk = sequences[i : i + batch_size]
@@ -78,20 +95,154 @@ def _batches(sequences, batch_size):
         yield tokens, mask
 
 
-def _log_probs(model, tokens):
-    logits = model(tokens).astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+# -- the reference pass and the trials ------------------------------------------
 
 
-def mean_kl(model: nn.Module, batches, reference) -> float:
-    """Mean over real tokens of KL(reference || model)."""
-    total, count = 0.0, 0.0
-    for (tokens, mask), ref in zip(batches, reference):
-        logq = _log_probs(model, tokens)
-        kl = (mx.exp(ref) * (ref - logq)).sum(axis=-1)
-        total += (kl * mask).sum().item()
-        count += mask.sum().item()
-    return max(total / count, 0.0)
+class _StandIn:
+    """Stands in for a block in the model's own loop over ``model.layers``;
+    anything else asked of it is the block's."""
+
+    def __init__(self, block, call):
+        self._block, self._call = block, call
+
+    def __call__(self, x, *args, **kwargs):
+        return self._call(x, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._block, name)
+
+
+def _put(block, inside, module):
+    block.update_modules(tree_unflatten([(inside, module)]))
+
+
+class Reference:
+    """The model as loaded, on every batch: each block's input (every
+    ``stride``-th block's) and the next-token distribution. Trials run from
+    the cached input at or before their block."""
+
+    def __init__(self, model, batches, cache_bytes):
+        self.model, self.batches = model, batches
+        tokens = sum(t.size for t, _ in batches)
+        per_block = tokens * _hidden_bytes(model)
+        self.stride = max(1, math.ceil(len(model.layers) * per_block / cache_bytes))
+        self.inputs, self.log_probs = [], []
+        self.cached = True
+        for tokens, _ in batches:
+            seen = {}
+            logits = self._run(tokens, {i: self._recorder(i, seen) for i in range(len(model.layers))})  # fmt: skip
+            if len(seen) != len(model.layers):
+                self.cached = False  # the model doesn't loop over model.layers
+            keep = {i: h for i, h in seen.items() if i % self.stride == 0}
+            log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            mx.eval(keep, log_probs)
+            if not mx.all(mx.isfinite(log_probs)).item():
+                raise OptiqError(
+                    "the model's own next-token distribution holds NaN or inf: its "
+                    "weights are broken, and there is nothing to measure against"
+                )
+            self.inputs.append(keep)
+            self.log_probs.append(log_probs)
+
+    def _recorder(self, i, seen):
+        block = self.model.layers[i]
+
+        def record(x, *args, **kwargs):
+            seen[i] = x
+            return block(x, *args, **kwargs)
+
+        return _StandIn(block, record)
+
+    def _run(self, tokens, stand_ins):
+        """The model on ``tokens`` with some blocks stood in for: float32 logits."""
+        blocks = self.model.layers
+        saved = list(blocks)
+        try:
+            for i, stand_in in stand_ins.items():
+                blocks[i] = stand_in
+            return self.model(tokens).astype(mx.float32)
+        finally:
+            blocks[:] = saved
+
+    def _logits(self, b, tokens, target, versions):
+        """Logits of every version of ``target``'s module, stacked: one pass
+        from the cached input at or before its block."""
+        if not self.cached:
+            outs = []
+            for version in versions:
+                _put(self.model.layers[target.block], target.inside, version)
+                outs.append(self._run(tokens, {}))
+            return mx.concatenate(outs, axis=0)
+        block = self.model.layers[target.block]
+        start = target.block // self.stride * self.stride
+        hidden = self.inputs[b][start]
+
+        def stacked(x, *args, **kwargs):
+            outs = []
+            for version in versions:
+                _put(block, target.inside, version)
+                outs.append(block(x, *args, **kwargs))
+            return mx.concatenate(outs, axis=0)
+
+        stand_ins = {i: _StandIn(self.model.layers[i], lambda x, *a, **k: hidden) for i in range(start)}  # fmt: skip
+        stand_ins[target.block] = _StandIn(block, stacked)
+        return self._run(tokens, stand_ins)
+
+    def kl(self, target, versions) -> List[float]:
+        """Mean KL(reference || model) over real tokens, one per version of
+        the target's module, every version in one pass per batch."""
+        totals = [mx.array(0.0) for _ in versions]
+        count = 0.0
+        try:
+            for b, (tokens, mask) in enumerate(self.batches):
+                logits = self._logits(b, tokens, target, versions)
+                n, ref = tokens.shape[0], self.log_probs[b]
+                for k in range(len(versions)):
+                    z = logits[k * n : (k + 1) * n]
+                    logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
+                    kl = (mx.exp(ref) * (ref - logq)).sum(axis=-1)
+                    totals[k] = totals[k] + (kl * mask).sum()
+                count += mask.sum().item()
+                mx.eval(totals)
+        finally:
+            _put(self.model.layers[target.block], target.inside, target.module)
+        return [max(t.item() / count, 0.0) for t in totals]
+
+    def check(self, target):
+        """Trials from the cache reproduce the reference (a model that does
+        more between its blocks than the loop would not): else full passes."""
+        if not self.cached:
+            return
+        try:
+            drift = max(self.kl(target, [target.module, target.module]))
+        except Exception:  # noqa: BLE001 - any failure: measure the slow way
+            drift = math.inf
+        if drift > 1e-6:
+            self.cached = False
+            print(
+                "note: this model's blocks can't be run from their cached inputs; "
+                "every trial runs the whole model"
+            )
+
+
+def _hidden_bytes(model):
+    """Bytes of one token's hidden state in the blocks (for the cache budget)."""
+    args = getattr(model, "args", None)
+    hidden = getattr(args, "hidden_size", None) or 4096
+    dtype = next(
+        (v.dtype for _, v in _leaves(model) if mx.issubdtype(v.dtype, mx.floating)),
+        mx.float32,
+    )
+    return hidden * dtype.size
+
+
+def _leaves(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+# -- data, settings, the file -----------------------------------------------------
 
 
 def token_sequences(
@@ -109,22 +260,37 @@ def token_sequences(
             break
     else:
         raise OptiqError("no train.jsonl or valid.jsonl", data_dir)
-    with open(path) as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(count)) if line.strip()]
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if len(rows) == count:
+                    break
+                if line.strip():
+                    rows.append(json.loads(line))
+    except UnicodeDecodeError as e:
+        raise OptiqError(f"not UTF-8 text ({e})", path) from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise OptiqError(f"line {number}: not a JSON row ({e})", path) from None
     if not rows:
         raise OptiqError("no rows", path)
-    dataset = create_dataset(rows, tokenizer, types.SimpleNamespace())
-    sequences = []
-    for i in range(len(dataset)):
-        tokens = dataset.process(dataset[i])
-        tokens = tokens[0] if isinstance(tokens, tuple) else tokens
-        sequences.append(list(tokens)[:max_length])
+    try:
+        dataset = create_dataset(rows, tokenizer, types.SimpleNamespace())
+        sequences = []
+        for i in range(len(dataset)):
+            tokens = dataset.process(dataset[i])
+            tokens = tokens[0] if isinstance(tokens, tuple) else tokens
+            sequences.append(list(tokens)[:max_length])
+    except (ValueError, KeyError, TypeError) as e:
+        raise OptiqError(f"rows mlx-lm can't read ({type(e).__name__}: {e})", path) from e  # fmt: skip
+    if not any(len(s) > 1 for s in sequences):
+        raise OptiqError("no row has two tokens or more to measure on", path)
     return sequences
 
 
 def settings_of(args: argparse.Namespace, sequences, model_path) -> dict:
     fingerprint = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()[:16]
-    return {
+    settings = {
         "model": str(model_path),
         "candidate_bits": args.bits,
         "group_size": args.group_size,
@@ -132,12 +298,17 @@ def settings_of(args: argparse.Namespace, sequences, model_path) -> dict:
         "max_seq_length": args.max_seq_length,
         "data_fingerprint": fingerprint,
     }
+    if args.layers or args.modules:  # a subset: quantize knows the rest is not measured
+        settings["measured"] = {"layers": args.layers, "modules": args.modules}
+    return settings
 
 
 def _resume(out, settings):
     if not out.is_file():
         return {}
-    doc = json.loads(out.read_text())
+    from .adapter_read import read_json
+
+    doc = read_json(out)
     previous = {k: doc.get(k) for k in settings}
     if previous != settings:
         changed = [k for k in settings if previous[k] != settings[k]]
@@ -149,64 +320,18 @@ def _resume(out, settings):
     return {layer["layer_name"]: layer for layer in doc.get("layers", [])}
 
 
-def measure(args: argparse.Namespace) -> Path:
-    import mlx_lm
-    from tqdm import tqdm
-
-    model_path = Path(args.model)
-    out = Path(args.output) if args.output else model_path / SENSITIVITY
-    model, tokenizer = mlx_lm.load(str(model_path))
-    sequences = token_sequences(tokenizer, args.data, args.samples, args.max_seq_length)
-    settings = settings_of(args, sequences, model_path)
-    done = {} if args.restart else _resume(out, settings)
-    targets = block_linears(model)
-    if any(isinstance(m, nn.QuantizedLinear) for _, m in targets):
-        print(
-            "note: the model is already quantized: measuring re-quantization of each "
-            f"module at the candidate bits ({args.bits}) that are below its own, "
-            "against the model as loaded (0 for the others)"
-        )
-    if done:
-        print(
-            f"resuming: {len(done)} of {len(targets)} modules already measured in {out}"
-        )
-    batches = list(_batches(sequences, args.batch_size))
-    reference = [_log_probs(model, tokens) for tokens, _ in batches]
-    mx.eval(reference)
-
-    layers = []
-    skipped = {p: why for p, m in targets if (why := unquantizable(m, args.group_size))}
-    if skipped:
-        print(
-            f"note: {len(skipped)} modules can't be quantized at group size "
-            f"{args.group_size} and stay unquantized, as mlx-lm leaves them: "
-            f"{_names(skipped)}"
-        )
-    todo = [(p, m) for p, m in targets if p not in done and p not in skipped]
-    bar = tqdm(total=len(todo) * len(args.bits), desc="sensitivity", unit="quant")
+def _write(out, settings, layers, complete):
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, module in targets:
-        if path in done:
-            layers.append(done[path])
-            continue
-        if path in skipped:
-            layers.append(_layer(path, module, {}, skipped=skipped[path]))
-            continue
-        sensitivities = {}
-        for bits in args.bits:
-            if getattr(module, "bits", 16) > bits:
-                _set_module(model, path, quantized(module, bits, args.group_size))
-                sensitivities[str(bits)] = mean_kl(model, batches, reference)
-                _set_module(model, path, module)
-            else:
-                sensitivities[str(bits)] = 0.0
-            bar.update(1)
-        layers.append(_layer(path, module, sensitivities))
-        _write(out, settings, layers, complete=False)
-    bar.close()
-    _write(out, settings, layers, complete=True)
-    print(_summary(out, layers, skipped, min(args.bits)))
-    return out
+    atomic_write_json(
+        out,
+        {
+            "metric": METRIC,
+            **settings,
+            "layers": layers,
+            "complete": complete,
+            "tool": f"mlx_lm_optiq.sensitivity {__version__}",
+        },
+    )
 
 
 def _layer(path, module, sensitivities, skipped=None):
@@ -216,20 +341,6 @@ def _layer(path, module, sensitivities, skipped=None):
     if skipped:
         entry["skipped"] = skipped
     return {**entry, "param_count": in_dims * out_dims}
-
-
-def _summary(out, layers, skipped, lowest):
-    measured = [l for l in layers if not l.get("skipped")]
-    line = f"wrote {out}: {len(measured)} modules measured"
-    if skipped:
-        line += f", {len(skipped)} skipped (not quantizable)"
-    if measured:
-        worst = max(measured, key=lambda l: l["sensitivities"][str(lowest)])
-        line += (
-            f"; most sensitive at {lowest} bits: {worst['layer_name']} "
-            f"(KL {worst['sensitivities'][str(lowest)]:.4g})"
-        )
-    return line
 
 
 def unquantizable(module: nn.Module, group_size: int) -> Optional[str]:
@@ -247,17 +358,153 @@ def _names(modules, n=3):
     )
 
 
-def _write(out, settings, layers, complete):
-    atomic_write_json(
-        out,
-        {
-            "metric": METRIC,
-            **settings,
-            "layers": layers,
-            "complete": complete,
-            "tool": f"mlx_lm_optiq.sensitivity {__version__}",
-        },
+def _selected(target, layers, modules):
+    if layers is not None and target.block not in layers:
+        return False
+    return modules is None or target.path.rsplit(".", 1)[-1] in modules
+
+
+# -- the command ------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace) -> Path:
+    import mlx_lm
+
+    model_path = Path(args.model)
+    out = Path(args.output) if args.output else model_path / SENSITIVITY
+    model, tokenizer = mlx_lm.load(str(model_path))
+    sequences = token_sequences(tokenizer, args.data, args.samples, args.max_seq_length)
+    settings = settings_of(args, sequences, model_path)
+    done = {} if args.restart else _resume(out, settings)
+    layer_set, module_set = _layer_set(args.layers), _module_set(args.modules)
+    targets = [t for t in _block_linears(model) if _selected(t, layer_set, module_set)]
+    if not targets:
+        raise OptiqError("--layers and --modules leave no module to measure")
+    if any(isinstance(t.module, nn.QuantizedLinear) for t in targets):
+        print(
+            "note: the model is already quantized: measuring re-quantization of each "
+            f"module at the candidate bits ({args.bits}) that are below its own, "
+            "against the model as loaded (0 for the others)"
+        )
+    skipped = {
+        t.path: why
+        for t in targets
+        if (why := unquantizable(t.module, args.group_size))
+    }
+    if skipped:
+        print(
+            f"note: {len(skipped)} modules can't be quantized at group size "
+            f"{args.group_size} and stay unquantized, as mlx-lm leaves them: "
+            f"{_names(skipped)}"
+        )
+    layers = [done[t.path] for t in targets if t.path in done]
+    layers += [
+        _layer(t.path, t.module, {}, skipped=skipped[t.path])
+        for t in targets
+        if t.path in skipped and t.path not in done
+    ]
+    todo = [t for t in targets if t.path not in done and t.path not in skipped]
+    trials = sum(len(_versions_bits(t.module, args.bits)) for t in todo)
+    if done:
+        print(
+            f"resuming: {len(done)} of {len(targets)} modules already measured in {out}"
+        )
+    print(
+        f"sensitivity: {len(todo)} modules to measure, {trials} trials; each runs "
+        "from its own block"
     )
+    try:
+        reference = Reference(
+            model, list(_batches(sequences, args.batch_size)), args.cache_gb * 1e9
+        )
+        _write(out, settings, layers, complete=not todo)  # resumable from here on
+        order = {t.path: i for i, t in enumerate(targets)}
+        _measure_all(reference, todo, args, out, settings, layers, trials, order)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: {len(layers)} of {len(targets)} modules are in {out}; "
+            "the same command resumes from there",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    _write(out, settings, layers, complete=True)
+    print(_summary(out, layers, skipped, min(args.bits)))
+    return out
+
+
+def _versions_bits(module, candidates):
+    return [b for b in candidates if getattr(module, "bits", 16) > b]
+
+
+def _measure_all(reference, todo, args, out, settings, layers, trials, order):
+    from tqdm import tqdm
+
+    if todo:
+        reference.check(todo[len(todo) // 2])
+    bar = tqdm(total=trials, desc="sensitivity", unit="trial")
+    tic, timed = time.perf_counter(), 0
+    for target in todo:
+        bits = _versions_bits(target.module, args.bits)
+        versions = [quantized(target.module, b, args.group_size) for b in bits]
+        measured = dict(zip(bits, reference.kl(target, versions) if versions else []))
+        for b, kl in measured.items():
+            if not math.isfinite(kl):
+                raise OptiqError(f"{target.path}: the KL at {b} bits is {kl}")
+        found = {str(b): measured.get(b, 0.0) for b in args.bits}
+        layers.append(_layer(target.path, target.module, found))
+        layers.sort(key=lambda l: order.get(l["layer_name"], len(order)))
+        _write(out, settings, layers, complete=False)
+        bar.update(len(bits))
+        timed += len(bits)
+        if timed and timed == len(bits):  # after the first module: an estimate
+            each = (time.perf_counter() - tic) / timed
+            bar.write(
+                f"sensitivity: {each:.2f} s per trial; about "
+                f"{_duration(each * (trials - timed))} for the other {trials - timed}"
+            )
+    bar.close()
+
+
+def _duration(seconds):
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _summary(out, layers, skipped, lowest):
+    measured = [l for l in layers if not l.get("skipped")]
+    line = f"wrote {out}: {len(measured)} modules measured"
+    if skipped:
+        line += f", {len(skipped)} skipped (not quantizable)"
+    if measured:
+        worst = max(measured, key=lambda l: l["sensitivities"][str(lowest)])
+        line += (
+            f"; most sensitive at {lowest} bits: {worst['layer_name']} "
+            f"(KL {worst['sensitivities'][str(lowest)]:.4g})"
+        )
+    return line
+
+
+def _layer_set(text):
+    if text is None:
+        return None
+    found = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        found.update(range(int(lo), int(hi or lo) + 1))
+    return found
+
+
+def _module_set(text):
+    return None if text is None else {m.strip() for m in text.split(",")}
+
+
+def _layers_arg(text):
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+        raise argparse.ArgumentTypeError(
+            f"expected block indices like 0-3,10, got {text!r}"
+        )
+    return text
 
 
 def _bits(text):
@@ -272,6 +519,27 @@ def _bits(text):
     return bits
 
 
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")  # fmt: skip
+        return value
+
+    return parse
+
+
+def _group_size(text):
+    if text not in {str(g) for g in GROUP_SIZES}:
+        raise argparse.ArgumentTypeError(
+            f"MLX quantizes in groups of {', '.join(map(str, GROUP_SIZES))}, got {text!r}"
+        )
+    return int(text)
+
+
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     """``--bits`` and ``--group-size``, the same for sensitivity and quantize."""
     parser.add_argument(
@@ -279,9 +547,9 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--group-size",
-        type=int,
+        type=_group_size,
         default=64,
-        help="quantization group size (default 64)",
+        help="quantization group size: 32, 64 or 128 (default 64)",
     )
 
 
@@ -290,25 +558,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_lm_optiq.sensitivity",
         description="Measure, per linear module, the KL divergence caused by "
         "quantizing that module alone, on text from the training data. Writes "
-        "MODEL/optiq/sensitivity.json (OptiQ's format).",
+        "MODEL/optiq/sensitivity.json (OptiQ's format). Each trial runs from its "
+        "module's own block; the command says how many trials there are and, "
+        "after the first module, how long they will take.",
     )
     parser.add_argument("model", help="local mlx-lm model directory")
     parser.add_argument(
         "--data", required=True, help="directory with train.jsonl (mlx-lm formats)"
     )
     add_quantization_arguments(parser)
-    parser.add_argument(
-        "--samples",
-        type=int,
-        default=16,
-        help="training rows to measure on (default 16)",
-    )
-    parser.add_argument(
-        "--max-seq-length", type=int, default=128, help="tokens per row (default 128)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="rows per forward pass (default 8)"
-    )
+    positive_int = positive(int)
+    parser.add_argument("--samples", type=positive_int, default=16,
+                        help="training rows to measure on (default 16)")  # fmt: skip
+    parser.add_argument("--max-seq-length", type=positive_int, default=128,
+                        help="tokens per row (default 128)")  # fmt: skip
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="rows per forward pass (default 8)")  # fmt: skip
+    parser.add_argument("--layers", type=_layers_arg, metavar="0-3,10",
+                        help="measure only these blocks (the others get no KL: by_kl "
+                        "keeps the base rank for them, quantize the highest bits)")  # fmt: skip
+    parser.add_argument("--modules", metavar="q_proj,v_proj",
+                        help="measure only these module kinds (the rest as for --layers)")  # fmt: skip
+    parser.add_argument("--cache-gb", type=positive(float), default=4.0,
+                        help="memory for the blocks' cached inputs (default 4); past it "
+                        "every k-th block's input is kept and trials start there")  # fmt: skip
     parser.add_argument(
         "-o", "--output", help="where to write (default MODEL/optiq/sensitivity.json)"
     )
