@@ -5,8 +5,12 @@ start that calls :func:`install`. That puts a finder at the front of
 ``sys.meta_path`` which notices when ``mlx_lm.tuner.utils`` or ``mlx_lm.lora``
 finish executing and then hands the fresh module to
 ``mlx_lm_optiq.shim.on_import``, the only code that touches mlx-lm internals.
-Nothing here imports mlx, numpy or pluggy, so a Python that never imports
-mlx-lm pays for two tiny module imports and nothing else.
+``python -m mlx_lm.lora`` runs the module as ``__main__``, which no import
+hook sees: its code is then replaced by "import ``mlx_lm.lora``, then run its
+``if __name__ == "__main__":`` block with that module's names", so the hooked
+module is the one that runs. Nothing here imports mlx, numpy or pluggy, so a
+Python that never imports mlx-lm pays for two tiny module imports and nothing
+else.
 
 Set ``MLX_LM_OPTIQ_DISABLE=1`` to turn the shim off.
 """
@@ -49,8 +53,54 @@ class _HookedLoader:
             module.__spec__.loader = self.loader
         run_hook(self.hook, module)
 
+    def get_code(self, fullname):
+        # runpy asks for the code of the module `python -m` runs while
+        # sys.argv[0] is still "-m"; imports never call this method here
+        if sys.argv[:1] == ["-m"] and _is_run_module(fullname):
+            main = _as_main(fullname, self.loader)
+            if main is not None:
+                return main
+        return self.loader.get_code(fullname)
+
     def __getattr__(self, name):
         return getattr(self.loader, name)
+
+
+def _is_run_module(fullname):
+    argv = getattr(sys, "orig_argv", [])
+    pairs = zip(argv, argv[1:])
+    return any(a == "-m" and b == fullname for a, b in pairs) or f"-m{fullname}" in argv
+
+
+_MAIN_TESTS = ("__name__ == '__main__'", '__name__ == "__main__"')
+
+
+def _as_main(fullname, loader):
+    """Code for ``__main__`` that imports ``fullname`` (so its post-import hook
+    runs) and then runs the module's ``__main__`` block with its names."""
+    import ast
+
+    try:
+        source = loader.get_source(fullname)
+        filename = loader.get_filename(fullname)
+    except (ImportError, OSError, AttributeError):
+        return None
+    tree = ast.parse(source, filename)
+    blocks = [
+        node.body
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test) in _MAIN_TESTS
+    ]
+    if not blocks:
+        return None
+    prologue = ast.parse(
+        "import importlib as __optiq_importlib\n"
+        f"__optiq_module = __optiq_importlib.import_module({fullname!r})\n"
+        "globals().update({k: v for k, v in vars(__optiq_module).items() "
+        "if not k.startswith('__')})\n"
+    ).body
+    module = ast.Module(body=[*prologue, *blocks[-1]], type_ignores=[])
+    return compile(ast.fix_missing_locations(module), filename, "exec")
 
 
 class PostImportFinder:
@@ -99,31 +149,52 @@ def run_hook(hook: str, module) -> None:
 
 
 def _refuse_if_requested(module_name):
-    if module_name != "mlx_lm.lora" or not _rank_scaling_requested(sys.argv):
+    if module_name != "mlx_lm.lora":
+        return
+    asked = _options_requested(sys.argv[1:])
+    if not asked:
         return
     raise SystemExit(
-        "mlx-lm-optiq: --rank-scaling was asked for, but the plugin could not "
-        f"hook into mlx-lm: {failure}\n"
+        f"mlx-lm-optiq: {', '.join(asked)} {'was' if len(asked) == 1 else 'were'} "
+        f"asked for, but the plugin could not hook into mlx-lm: {failure}\n"
         "Install a supported mlx-lm (see `pip show mlx-lm-optiq`), or drop "
-        "--rank-scaling / rank_scaling to train with stock mlx-lm."
+        "these options and YAML keys to train with stock mlx-lm."
     )
 
 
-def _rank_scaling_requested(argv):
-    argv = argv[1:]
-    if any(a == "--rank-scaling" or a.startswith("--rank-scaling=") for a in argv):
-        return True
-    for flag in ("-c", "--config"):
-        if flag in argv[:-1]:
-            try:
-                import yaml  # mlx-lm's own config reader; only on this failure path
+def _options_requested(argv):
+    """The mlx-lm-optiq options that ``argv`` or its YAML config (``-c X``,
+    ``--config X``, ``--config=X``: parsed as mlx-lm parses them) asks for.
 
-                with open(argv[argv.index(flag) + 1]) as f:
-                    config = yaml.safe_load(f)
-            except Exception:  # noqa: BLE001 - mlx-lm will report a bad config
-                return False
-            return isinstance(config, dict) and config.get("rank_scaling") is not None
-    return False
+    Only on the failure path, so these imports cost start-up nothing.
+    """
+    import argparse
+
+    from mlx_lm_optiq import settings
+
+    names = [f.name for f in settings.options()]
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-c", "--config")
+    for name in names:
+        parser.add_argument(settings.option_name(name), dest=name)
+    try:
+        known, _ = parser.parse_known_args(argv)
+    except SystemExit:  # an ambiguous option: as likely ours as not
+        return ["options that may be mlx-lm-optiq's"]
+    asked = [settings.option_name(n) for n in names if getattr(known, n) is not None]
+    if known.config:
+        try:
+            import yaml  # mlx-lm's own config reader
+
+            with open(known.config) as f:
+                config = yaml.safe_load(f)
+        except Exception:  # noqa: BLE001 - mlx-lm will report a bad config
+            config = None
+        if isinstance(config, dict):
+            asked += [
+                f"{n} ({known.config})" for n in names if config.get(n) is not None
+            ]
+    return asked
 
 
 def install() -> None:

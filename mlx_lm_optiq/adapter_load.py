@@ -60,12 +60,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     """Build and load a PEFT LoRA adapter directory into an mlx-lm model."""
     adapter_dir = Path(adapter_dir)
     check_peft_architecture(getattr(model, "model_type", None))
-    modules, dropout = adapter_read.load_modules(adapter_dir)
-    adapter_read.check_finite(
-        {f"{p}.{leaf}": w for p, (a, b, _) in modules.items()
-         for leaf, w in (("lora_a", a), ("lora_b", b))},
-        adapter_dir / PEFT_WEIGHTS,
-    )  # fmt: skip
+    modules, dropout = adapter_read.load_modules(adapter_dir)  # finite, checked
     adapter_read.check_modules_fit(
         adapter_dir / PEFT_WEIGHTS,
         modules,

@@ -8,16 +8,18 @@ named when they can't be an adapter or don't fit the model. What a
 directory says about itself as a whole is :mod:`mlx_lm_optiq.adapter_record`.
 """
 
+import contextlib
 import json
 import math
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import regex
 
-from .checks import is_finite
+from .checks import is_finite, is_whole
 from .errors import OptiqError
 from .layout import (
     CONFIG,
@@ -45,12 +47,12 @@ def read_safetensors_header(path: Path) -> Dict[str, tuple]:
     """``{tensor name: shape}`` from a safetensors file, without loading it."""
     from safetensors import SafetensorError, safe_open
 
-    path = regular_file(path)
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except SafetensorError as e:
-        raise OptiqError(_safetensors_problem(e), path) from None
+    with opened(path) as f:
+        try:
+            with safe_open(_fd_path(f), framework="numpy") as st:
+                return {n: tuple(st.get_slice(n).get_shape()) for n in st.keys()}
+        except SafetensorError as e:
+            raise OptiqError(_safetensors_problem(e), path) from None
 
 
 def mlx_ranks(shapes) -> Dict[str, int]:
@@ -107,20 +109,40 @@ def peft_units(shapes) -> Dict[str, int]:
 MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
-def regular_file(path: Path) -> Path:
-    """``path``, if it is a regular file (after links): never a FIFO or device."""
+@contextlib.contextmanager
+def opened(path: Path):
+    """``path`` open for reading, if it is a regular file (after links).
+
+    Checked on the open file, never a name checked before: a FIFO or a device
+    swapped in for the file can't make a reader wait forever.
+    """
     try:
-        mode = os.stat(path).st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise OptiqError("no such file", path) from None
-    if not stat.S_ISREG(mode):
-        raise OptiqError("not a regular file", path)
-    return Path(path)
+    except OSError as e:
+        raise OptiqError(f"can't be read ({e.strerror})", path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OptiqError("not a regular file", path)
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def _fd_path(f) -> str:
+    """A path that opens the very file ``f`` is open on."""
+    proc = f"/proc/self/fd/{f.fileno()}"
+    return proc if os.path.exists(proc) else f"/dev/fd/{f.fileno()}"
 
 
 def read_json(path: Path) -> dict:
     """A JSON object from a regular file of at most 16 MiB."""
-    with open(regular_file(path), "rb") as f:
+    with opened(path) as f:
         raw = f.read(MAX_JSON_BYTES + 1)
     if len(raw) > MAX_JSON_BYTES:
         raise OptiqError(f"larger than {MAX_JSON_BYTES >> 20} MiB: not a config", path)
@@ -143,18 +165,45 @@ def is_peft_dir(adapter_dir) -> bool:
     ).is_file()
 
 
-def peft_pattern_key(patterns: dict, path: str, source=None) -> Optional[str]:
+PATTERN_SECONDS = 2.0  # matching one config's patterns, all of them together
+
+
+class _Deadline:
+    """The time left for matching one config's patterns."""
+
+    def __init__(self, seconds=PATTERN_SECONDS):
+        self.end = time.monotonic() + seconds
+
+    def left(self):
+        return self.end - time.monotonic()
+
+
+def peft_pattern_key(
+    patterns: dict, path: str, source=None, deadline: Optional[_Deadline] = None
+) -> Optional[str]:
     """The first key of a PEFT ``rank_pattern``/``alpha_pattern`` that names ``path``.
 
     PEFT treats each key as a regex matched against the end of the module
     path on a dot boundary, first key first. Matched with ``regex``, which
     backtracks sanely and takes a time limit, so a hostile key can't freeze
-    the process (``re`` holds the GIL while it backtracks).
+    the process (``re`` holds the GIL while it backtracks): 0.25 s a key, and
+    ``deadline`` for all the keys of a config together.
     """
+    deadline = deadline or _Deadline()
+    too_slow = OptiqError(
+        f"its {len(patterns)} patterns take over {PATTERN_SECONDS:.0f} s to match: "
+        "not a LoRA config",
+        source,
+    )
     for key in patterns:
+        left = min(0.25, deadline.left())
+        if left <= 0:
+            raise too_slow
         try:
-            found = regex.match(rf"(.*\.)?({key})$", path, timeout=0.25)
+            found = regex.match(rf"(.*\.)?({key})$", path, timeout=left)
         except TimeoutError:
+            if left < 0.25:  # the config's time ran out, not this key's
+                raise too_slow from None
             raise OptiqError(
                 f"pattern {key!r} takes too long to match", source
             ) from None
@@ -208,29 +257,33 @@ def peft_import_plan(
             f"bias={config['bias']!r} is not supported, only 'none'", config_file
         )
     shapes = read_safetensors_header(weights) if shapes is None else shapes
-    for name, shape in shapes.items():
+    for name, shape in shapes.items():  # what is known to be unsupported, first
         if "lora_embedding_" in name:
             raise OptiqError(f"embedding adapters ({name}) are not supported", weights)
         if "lora_magnitude_vector" in name:
             raise OptiqError(f"DoRA tensors ({name}) are not supported", weights)
-        if name.endswith(tuple(PEFT_LEAVES.values())) and len(shape) != 2:
+    for name, shape in shapes.items():
+        if not name.endswith(tuple(PEFT_LEAVES.values())):
+            raise OptiqError(f"{name} is not a LoRA tensor mlx-lm can load", weights)
+        if len(shape) != 2:
             raise OptiqError(f"{name} is not a 2-D linear adapter (MoE?)", weights)
     ranks = peft_ranks(shapes)
     if not ranks:
         raise OptiqError("no LoRA tensors (…lora_A.weight)", weights)
     rank_pattern = _mapping(config, "rank_pattern", config_file)
     alpha_pattern = _mapping(config, "alpha_pattern", config_file)
-    base_r, base_alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    plan = {}
+    base_r = _whole(config.get("r", 8), "r", config_file)
+    base_alpha = config.get("lora_alpha", 8)
+    deadline, plan = _Deadline(), {}
     for path, rank in ranks.items():
-        key = peft_pattern_key(rank_pattern, path, config_file)
-        expected = rank_pattern[key] if key else base_r
+        key = peft_pattern_key(rank_pattern, path, config_file, deadline)
+        expected = _whole(rank_pattern[key], f"rank_pattern[{key!r}]", config_file) if key else base_r  # fmt: skip
         if expected != rank:
             raise OptiqError(
                 f"{path} has rank {rank} but {config_file.name} says {expected}",
                 weights,
             )
-        key = peft_pattern_key(alpha_pattern, path, config_file)
+        key = peft_pattern_key(alpha_pattern, path, config_file, deadline)
         alpha = _number(
             alpha_pattern[key] if key else base_alpha, "lora_alpha", config_file
         )
@@ -249,6 +302,13 @@ def _mapping(config, key, source):
 
 
 MAX_SCALE = 1e6
+
+
+def _whole(value, what, source):
+    """A rank: a whole number >= 1."""
+    if not is_whole(value) or value < 1:
+        raise OptiqError(f"{what} must be a whole number >= 1, got {value!r}", source)
+    return value
 
 
 def _number(value, what, source):
@@ -277,8 +337,12 @@ def check_lora_tensors(modules: dict, source) -> None:
                 source,
             )
         for w in (lora_a, lora_b):
-            if not mx.issubdtype(w.dtype, mx.floating):
-                raise OptiqError(f"{path}: tensors must be floating point", source)
+            if w.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+                raise OptiqError(
+                    f"{path}: tensors must be float32, float16 or bfloat16, got "
+                    f"{w.dtype}",
+                    source,
+                )
 
 
 def mlx_rank_pattern(config, shapes) -> Optional[Dict[str, int]]:
@@ -297,7 +361,11 @@ def mlx_rank_pattern(config, shapes) -> Optional[Dict[str, int]]:
 
 
 def check_tensors_fit(
-    weights_file: Path, shapes: dict, expected: dict, rank_pattern: Optional[dict]
+    weights_file: Path,
+    shapes: dict,
+    expected: dict,
+    rank_pattern: Optional[dict],
+    ranks_from: str = "adapter_config.json's",
 ) -> None:
     """Refuse adapter tensors that don't fit the model, before anything changes.
 
@@ -307,6 +375,7 @@ def check_tensors_fit(
         expected: ``{tensor name: shape}`` the model builds with these settings
           (:func:`mlx_lm_optiq.lora_layers.expected_tensors`).
         rank_pattern: the per-module ranks it is built with (or ``None``).
+        ranks_from: where those ranks come from, for the message.
     """
     rank_pattern = rank_pattern or {}
     for name, shape in shapes.items():
@@ -319,9 +388,9 @@ def check_tensors_fit(
         if tuple(shape) != tuple(expected[name]):
             what = "rank_pattern" if name.rsplit(".", 1)[0] in rank_pattern else "rank"
             raise OptiqError(
-                f"{name} has shape {tuple(shape)} but this model with "
-                f"adapter_config.json's {what} needs {tuple(expected[name])}; is the "
-                "adapter for another base model, or its config for other weights?",
+                f"{name} has shape {tuple(shape)} but this model with {ranks_from} "
+                f"{what} needs {tuple(expected[name])}; is the adapter for another "
+                "base model, or its config for other weights?",
                 weights_file,
             )
 
@@ -338,6 +407,12 @@ def check_modules_fit(source, modules: dict, dims: Dict[str, tuple]) -> None:
         if path not in dims:
             raise OptiqError(f"{path} is not a linear layer of this model", source)
         in_dims, out_dims = dims[path]
+        if lora_a.shape[1] > min(in_dims, out_dims):
+            raise OptiqError(
+                f"{path} has rank {lora_a.shape[1]}, wider than its {in_dims}->"
+                f"{out_dims} layer: not a LoRA adapter of this model",
+                source,
+            )
         if lora_a.shape[0] != in_dims or lora_b.shape[1] != out_dims:
             raise OptiqError(
                 f"{path} adapts a {in_dims}->{out_dims} layer of this model but its "
@@ -347,12 +422,28 @@ def check_modules_fit(source, modules: dict, dims: Dict[str, tuple]) -> None:
             )
 
 
+ADAPTER_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 def load_tensors(path: Path) -> dict:
-    """``{tensor name: mx.array}`` of a safetensors file (header checked first)."""
+    """``{tensor name: mx.array}`` of an adapter's safetensors file, its header
+    checked first: float32, float16 or bfloat16 tensors only."""
     import mlx.core as mx
+    from safetensors import safe_open
 
     read_safetensors_header(path)
-    return mx.load(str(path))
+    with opened(path) as f:
+        with safe_open(_fd_path(f), framework="numpy") as st:
+            for name in st.keys():
+                dtype = st.get_slice(name).get_dtype()
+                if dtype not in ADAPTER_DTYPES:
+                    raise OptiqError(
+                        f"{name}: tensors must be float32, float16 or bfloat16, "
+                        f"got {dtype}",
+                        path,
+                    )
+        f.seek(0)
+        return mx.load(f, format="safetensors")
 
 
 def check_finite(tensors: dict, source, hint: str = "") -> None:
@@ -369,24 +460,21 @@ def check_finite(tensors: dict, source, hint: str = "") -> None:
 def load_modules(adapter_dir) -> Tuple[dict, float]:
     """``{module path: (lora_a (in, r), lora_b (r, out), scale)}`` and the dropout.
 
-    Reads our adapters, stock mlx-lm ones and PEFT ones alike.
+    Reads our adapters, stock mlx-lm ones and PEFT ones alike; tensors that
+    can't be one LoRA adapter, or hold NaN or inf, are refused.
     """
-    import mlx.core as mx
-
     adapter_dir = Path(adapter_dir)
     if is_peft_dir(adapter_dir):
         plan, dropout = peft_import_plan(adapter_dir)
-        weights = mx.load(str(adapter_dir / PEFT_WEIGHTS))
+        weights = load_tensors(adapter_dir / PEFT_WEIGHTS)
         modules = {}
         for path, (_, scale) in plan.items():
-            if peft_key(path, "lora_b") not in weights:
+            a, b = (_peft_name(weights, path, leaf) for leaf in ("lora_a", "lora_b"))
+            if b not in weights:
                 raise OptiqError(f"{path} has no lora_B", adapter_dir / PEFT_WEIGHTS)
-            modules[path] = (
-                weights[peft_key(path, "lora_a")].T,
-                weights[peft_key(path, "lora_b")].T,
-                scale,
-            )
+            modules[path] = (weights[a].T, weights[b].T, scale)
         check_lora_tensors(modules, adapter_dir / PEFT_WEIGHTS)
+        check_finite(weights, adapter_dir / PEFT_WEIGHTS)
         return modules, dropout
     config_file = adapter_dir / CONFIG
     config = read_json(config_file)
@@ -402,6 +490,12 @@ def load_modules(adapter_dir) -> Tuple[dict, float]:
     scale = _number(lora.get("scale"), "lora_parameters.scale", config_file)
     modules = {}
     for name in weights:
+        if not name.endswith((".lora_a", ".lora_b")):
+            raise OptiqError(
+                f"{name} is not a LoRA tensor (lora_a, lora_b): DoRA and other "
+                "variants can't be read here",
+                weights_file,
+            )
         if name.endswith(".lora_a"):
             other = name[: -len("a")] + "b"
             if other not in weights:
@@ -410,4 +504,5 @@ def load_modules(adapter_dir) -> Tuple[dict, float]:
     if not modules:
         raise OptiqError("the weights hold no LoRA tensors", weights_file)
     check_lora_tensors(modules, weights_file)
+    check_finite(weights, weights_file)
     return modules, _number(lora.get("dropout", 0.0), "dropout", config_file)

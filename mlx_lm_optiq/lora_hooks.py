@@ -14,9 +14,19 @@ state is kept in between), and the finished set replaces the adapter
 directory only then.
 """
 
+import functools
+import shutil
 from pathlib import Path
 
-from . import adapter_load, adapter_record, plugins, settings, staging, train_step
+from . import (
+    adapter_load,
+    adapter_record,
+    lora_layers,
+    plugins,
+    settings,
+    staging,
+    train_step,
+)
 from .errors import OptiqError
 from .mlx_lm_hookspecs import hookimpl
 from .plan import is_main_process, plan_run, resume_lora_parameters
@@ -32,17 +42,47 @@ def _report(line):
         print(line)
 
 
+def asked_by_name(hook):
+    """Stop a run that asked for mlx-lm-optiq when one of our hooks breaks.
+
+    Any other exception would disable the plugin (that is how a broken
+    plugin is isolated) and the run would go on as stock mlx-lm, silently
+    training something else than was asked for. A run that names none of
+    our options loses nothing by that, so its error passes as it is.
+    """
+
+    @functools.wraps(hook)
+    def checked(args, *rest, **kwargs):
+        try:
+            return hook(args, *rest, **kwargs)
+        except (OptiqError, OSError):
+            raise
+        except Exception as e:
+            if not any(
+                getattr(args, f.name, None) is not None for f in settings.options()
+            ):
+                raise
+            raise OptiqError(
+                f"mlx-lm-optiq failed ({hook.__name__}: {type(e).__name__}: {e}); "
+                "this is a bug, please report it"
+            ) from e
+
+    return checked
+
+
 @hookimpl
 def mlx_lm_lora_add_arguments(parser):
     settings.add_arguments(parser, list(plugins.rank_policies()))
 
 
 @hookimpl
+@asked_by_name
 def mlx_lm_lora_configure(args):
     run_settings(args)  # before the model loads: a bad value fails in a second
 
 
 @hookimpl
+@asked_by_name
 def mlx_lm_lora_parameters(args, model):
     run = run_settings(args)
     params = lora_parameters_for(run, args, model)
@@ -54,17 +94,8 @@ def lora_parameters_for(run, args, model):
     """The ``lora_parameters`` to convert with: planned with ``--rank-scaling``,
     else resumed or stock (``None``)."""
     if run.rank_scaling is None:
-        return resume_lora_parameters(args, run)
-    try:
-        record, params = plan_run(run, args, model)
-    except (OptiqError, OSError):
-        raise
-    except Exception as e:
-        # Asked for by name: never fall back to stock training on a bug.
-        raise OptiqError(
-            f"mlx-lm-optiq could not choose the ranks ({type(e).__name__}: {e}); "
-            "this is a bug, please report it"
-        ) from e
+        return resume_lora_parameters(args, run, model)
+    record, params = plan_run(run, args, model)
     staged = staging.stage(args)
     if is_main_process():
         adapter_record.write_sidecar(record, staged)
@@ -72,6 +103,7 @@ def lora_parameters_for(run, args, model):
 
 
 @hookimpl
+@asked_by_name
 def mlx_lm_lora_training_functions(args, model):
     run = run_settings(args)
     if not run.active:
@@ -95,9 +127,15 @@ def mlx_lm_lora_adapter_saved(args, model, adapter_path):
                 record=record, adapter_dir=staged, run=record
             )
         except OptiqError as e:
+            cause = lora_layers.nonfinite_base(model)
+            cause = (
+                f"\nthe cause: the base model holds NaN or inf ({cause})"
+                if cause
+                else ""
+            )
             raise OptiqError(
-                f"{e}\n{staging.target_of(staged)} is unchanged; this run's files "
-                f"are in {staged}"
+                f"{e}{cause}\n{staging.target_of(staged)} is unchanged; this run's "
+                f"files are in {staged}"
             ) from e
     result = yield
     group = mx.distributed.init()
@@ -111,6 +149,34 @@ def mlx_lm_lora_adapter_saved(args, model, adapter_path):
             f"(inspect with: python -m mlx_lm_optiq.info {adapter_dir})"
         )
     return result
+
+
+@hookimpl
+def mlx_lm_lora_training_failed(args, model, error):
+    """Say in one line why a run of ours stopped, where we can, and remove its
+    partial directory where it holds nothing worth resuming from.
+
+    A file it could not write (a full disk) takes the directory with it, which
+    would only keep the disk full; our own training functions' error (no batch
+    with a target token) takes it when no weights were saved yet.
+    """
+    staged = Path(args.adapter_path)
+    target = staging.target_of(staged)
+    if not is_main_process():
+        return
+    if target is not None and staging.write_failure(error):
+        shutil.rmtree(staged, ignore_errors=True)
+        raise OptiqError(
+            f"could not write this run's files ({error}): is the disk full? "
+            f"{target} is unchanged, and the run's partial directory was removed",
+            staged,
+        ) from error
+    if isinstance(error, OptiqError):  # raised by our training functions
+        if target is None:
+            raise OptiqError(str(error)) from error  # one line, not a traceback
+        if not any(staged.glob("*.safetensors")):
+            shutil.rmtree(staged, ignore_errors=True)
+        raise OptiqError(f"{error}\n{target} is unchanged") from error
 
 
 @hookimpl

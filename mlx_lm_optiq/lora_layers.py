@@ -78,6 +78,16 @@ def describe_module(module: nn.Module) -> Tuple[Optional[int], int]:
     raise TypeError(f"can't size a LoRA adapter for {type(module).__name__}")
 
 
+def rank_limit(module: nn.Module) -> int:
+    """The largest LoRA rank that means anything on ``module``: its smaller
+    dimension."""
+    shapes = adapter_shapes(module, 1)
+    a, b = shapes["lora_a"], shapes["lora_b"]
+    if len(a) == 3:  # switch (MoE): (experts, r, in) and (experts, out, r)
+        return min(a[2], b[1])
+    return min(a[0], b[1])  # (in, r) and (r, out)
+
+
 def adapter_shapes(
     module: nn.Module, rank: int, use_dora: bool = False
 ) -> Dict[str, tuple]:
@@ -213,3 +223,16 @@ def swap_in(model: nn.Module, layers: Targets) -> nn.Module:
     """Put ``[(module path, layer)]`` into ``model`` in place of what is there."""
     model.update_modules(tree_unflatten(layers))
     return model
+
+
+def nonfinite_base(model: nn.Module) -> Optional[str]:
+    """The name of a frozen (base) parameter holding NaN or inf, if one does."""
+    from mlx.utils import tree_flatten
+
+    trainable = {n for n, _ in tree_flatten(model.trainable_parameters())}
+    for name, value in tree_flatten(model.parameters()):
+        if name in trainable or not mx.issubdtype(value.dtype, mx.floating):
+            continue
+        if not mx.all(mx.isfinite(value)).item():
+            return name
+    return None

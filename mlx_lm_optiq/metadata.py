@@ -176,7 +176,15 @@ def read_sources(model_dir: Optional[Path], readers) -> List[Source]:
     sources = []
     for name, reader in readers.items():
         if (model_dir / name).is_file():
-            source = reader(model_dir / name)
+            try:
+                source = reader(model_dir / name)
+            except OptiqError:
+                raise
+            except (Exception, SystemExit) as e:  # the reader's failure, not ours
+                raise OptiqError(
+                    f"the metadata reader for {name} failed: {type(e).__name__}: {e}",
+                    model_dir / name,
+                ) from e
             if source is not None:
                 sources.append(source)
     return sources

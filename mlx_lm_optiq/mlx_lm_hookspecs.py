@@ -72,6 +72,19 @@ def mlx_lm_lora_training_functions(args, model):
 
 
 @hookspec
+def mlx_lm_lora_training_failed(args, model, error):
+    """Act when training stopped with an exception, before it propagates.
+
+    A plugin can undo what it set up for the run, and may raise
+    ``ValueError`` or ``OSError`` to say in one line what went wrong instead.
+
+    :param args: the ``mlx_lm.lora`` arguments.
+    :param model: the model being trained.
+    :param error: the exception training raised.
+    """
+
+
+@hookspec
 def mlx_lm_lora_adapter_saved(args, model, adapter_path):
     """Act once training has saved the final adapter weights.
 
@@ -137,7 +150,9 @@ def load_plugins(pm, group, label=None, allowed=None):
             continue
         try:
             plugin = ep.load()
-        except (Exception, SystemExit) as e:
+        except (
+            BaseException
+        ) as e:  # a plugin that can't import is skipped, whatever it raised
             print(
                 f"{label}: skipped plugin {ep.name!r} ({ep.value}): "
                 f"{type(e).__name__}: {e}",
@@ -165,7 +180,7 @@ def register_guarded(pm, plugin, name, label=None):
             continue
         function = getattr(plugin, attr)
         if opts.get("wrapper"):
-            function = _mark_wrapper(function, name)
+            function = _guard_wrapper(pm, function, name, label)
         elif not opts.get("hookwrapper"):
             function = _guard(pm, function, name, label)
         setattr(guarded, attr, function)
@@ -177,16 +192,60 @@ def _mark(error, name):
         error.mlx_lm_plugin = name
 
 
-def _mark_wrapper(function, name):
+def _disable(pm, name, label, function, error):
+    if pm.get_plugin(name) is not None:
+        pm.unregister(name=name)
+        print(
+            f"{label}: disabled plugin {name!r}: {function.__name__} raised "
+            f"{type(error).__name__}: {error}",
+            file=sys.stderr,
+        )
+
+
+def _guard_wrapper(pm, function, name, label):
+    """A wrapper hook (``wrapper=True``) that disables its plugin alone when it
+    breaks, before or after its ``yield``; the other implementations run, and
+    the call's result or error is theirs."""
+
     @functools.wraps(function)
-    def marked(*args, **kwargs):
+    def guarded(*args, **kwargs):
+        steps = function(*args, **kwargs)
         try:
-            return (yield from function(*args, **kwargs))
+            next(steps)
         except (ValueError, OSError) as e:
             _mark(e, name)
             raise
+        except (Exception, SystemExit) as e:  # also a wrapper that never yields
+            _disable(pm, name, label, function, e)
+            return (yield)
+        try:
+            result = yield
+        except BaseException as inner:
+            try:
+                steps.throw(inner)
+            except StopIteration as done:
+                return done.value
+            except (ValueError, OSError) as e:
+                if e is not inner:
+                    _mark(e, name)
+                raise
+            except (Exception, SystemExit) as e:
+                if e is not inner:
+                    _disable(pm, name, label, function, e)
+                raise inner
+            raise inner  # it yielded twice: not a wrapper pluggy can run
+        try:
+            steps.send(result)
+        except StopIteration as done:
+            return done.value
+        except (ValueError, OSError) as e:
+            _mark(e, name)
+            raise
+        except (Exception, SystemExit) as e:
+            _disable(pm, name, label, function, e)
+        return result
 
-    return marked
+    return guarded
 
 
 def _guard(pm, function, name, label):
@@ -198,13 +257,7 @@ def _guard(pm, function, name, label):
             _mark(e, name)
             raise
         except (Exception, SystemExit) as e:
-            if pm.get_plugin(name) is not None:
-                pm.unregister(name=name)
-                print(
-                    f"{label}: disabled plugin {name!r}: {function.__name__} raised "
-                    f"{type(e).__name__}: {e}",
-                    file=sys.stderr,
-                )
+            _disable(pm, name, label, function, e)
             return None
 
     return guarded

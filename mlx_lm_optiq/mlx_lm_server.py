@@ -38,11 +38,18 @@ RELIES_ON = {
     "APIHandler": "subclassed: the adapter field and /v1/adapters",
     "APIHandler.validate_model_parameters": "where a request's fields are checked "
     "(a ValueError is answered 400)",
-    "APIHandler._set_completion_headers": "(private) status, content type and CORS "
-    "headers of our JSON replies",
+    "APIHandler.do_POST": "reads a completion's body: capped before it is called",
     "LRUPromptCache": "the prompt cache run() makes",
     "ResponseGenerator": "the generation thread run() makes",
     "_run_http_server": "(private) serves a handler class of our choosing",
+}
+
+
+# ... and attributes a ModelProvider instance has once mlx-lm built it
+PROVIDER_ATTRIBUTES = {
+    "model": "the model loaded, which adapters are swapped into",
+    "model_key": "(model, adapter, draft) of what is loaded: our key is its adapter",
+    "_adapter_map": "(private) maps 'default_model' to --adapter-path: emptied",
 }
 
 
@@ -69,6 +76,12 @@ class AdapterProvider(server.ModelProvider):
 
     def __init__(self, cli_args):
         super().__init__(cli_args)
+        for name, why in PROVIDER_ATTRIBUTES.items():
+            if not hasattr(self, name):
+                raise OptiqError(
+                    f"mlx-lm {mlx_lm.__version__}'s ModelProvider has no {name}, "
+                    f"which serving adapters needs ({why}); install a supported mlx-lm"
+                )
         # load() replaces the adapter of a request for 'default_model' by
         # --adapter-path through this map: let the request's through.
         self._adapter_map = {}
@@ -89,20 +102,36 @@ class AdapterHandler(server.APIHandler):
 
     registry: AdapterRegistry
     adapter_dir = None
+    max_request_bytes = serve_api.MAX_REQUEST_BYTES
 
     def validate_model_parameters(self):
         super().validate_model_parameters()
+        cli_args = self.response_generator.cli_args
         self.adapter = serve_api.request_adapter(
             self.registry,
             self.body,
             self.requested_model,
-            self.response_generator.cli_args.model,
+            cli_args.model,
+            cli_args.draft_model,
         )
 
     def _reply(self, status, doc):
-        self._set_completion_headers(status)
+        """A JSON reply of ours: CORS only for an origin named in
+        --allowed-origins, never for ``*``: a web page may not read it."""
+        self.send_response(status)
+        self.send_header("Content-type", "application/json")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin in self.response_generator.cli_args.allowed_origins:  # fmt: skip
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
         self.end_headers()
         self.wfile.write(json.dumps(doc).encode())
+
+    def _length(self):
+        try:
+            return int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return -1
 
     def _change_refused(self):
         return serve_api.change_refused(
@@ -118,14 +147,14 @@ class AdapterHandler(server.APIHandler):
 
     def do_POST(self):
         if self.path.rstrip("/") != serve_api.ADAPTERS:
+            if not 0 <= self._length() <= self.max_request_bytes:
+                self.close_connection = True  # the body is left unread
+                return self._reply(413, {"error": "request body too large"})
             return super().do_POST()
         refused = self._change_refused()
         if refused:
             return self._reply(*refused)
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
+        length = self._length()
         if not 0 <= length <= serve_api.MAX_BODY_BYTES:
             return self._reply(413, {"error": "request body too large"})
         raw = self.rfile.read(length)
@@ -163,15 +192,21 @@ def _argv(argv):
         sys.argv = saved
 
 
-def serve(argv: List[str], registry: AdapterRegistry, adapter_dir=None) -> None:
+def serve(
+    argv: List[str],
+    registry: AdapterRegistry,
+    adapter_dir=None,
+    max_request_bytes: int = serve_api.MAX_REQUEST_BYTES,
+) -> None:
     """Run mlx-lm's server (its options in ``argv``) with ``registry``'s
     adapters resident, until it is stopped."""
     provider = type("AdapterProvider", (AdapterProvider,), {"registry": registry})
     handler = type(
         "AdapterHandler",
         (AdapterHandler,),
-        {"registry": registry, "adapter_dir": adapter_dir},
-    )
+        {"registry": registry, "adapter_dir": adapter_dir,
+         "max_request_bytes": max_request_bytes},
+    )  # fmt: skip
 
     def run(host, port, model_provider):
         prompt_cache = server.LRUPromptCache(model_provider.cli_args.prompt_cache_size)

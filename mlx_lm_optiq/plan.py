@@ -91,7 +91,9 @@ def plan_run(
             "supported for this architecture"
         )
     params = base_lora_parameters(args, settings)
-    described, default_units = _targets(settings, args, model, params)
+    targets, default_units = _targets(settings, args, model, params)
+    check_rank(params["rank"], targets)
+    described = {p: lora_layers.describe_module(m) for p, m in targets}
     units = {p: u for p, (_, u) in described.items()}
     sources = metadata.read_sources(
         resolve_model_dir(args.model), plugins.metadata_readers()
@@ -111,8 +113,9 @@ def plan_run(
         policies=plugins.rank_policies(),
         report=report,
     )
+    chosen = _capped(chosen, targets, report)
     if getattr(args, "resume_adapter_file", None):
-        _check_resume(Path(args.resume_adapter_file), chosen)
+        check_resume(Path(args.resume_adapter_file), targets, params, chosen, args)
     record = AdapterRecord(
         modules={p: ModuleRecord(chosen[p], units[p], facts[p]) for p in units},
         base_rank=params["rank"],
@@ -132,22 +135,45 @@ def plan_run(
 
 
 def _targets(settings, args, model, params):
-    """``{module path: (live bits, units)}`` of the modules the run adapts, and
-    ``{module path: units}`` of mlx-lm's default window when the budget prices
-    it: one probe of mlx-lm's conversion over every block serves both."""
-    use_dora = args.fine_tune_type == "dora"
-    every_block = shim.conversion_targets(model, -1, params, use_dora)
-    described = {
-        p: lora_layers.describe_module(m)
-        for p, m in lora_layers.in_window(every_block, model, args.num_layers)
-    }
+    """``[(module path, module)]`` the run adapts, and ``{module path: units}``
+    of mlx-lm's default window when the budget prices it: one probe of
+    mlx-lm's conversion over every block serves both."""
+    every_block = shim.conversion_targets(
+        model, -1, params, args.fine_tune_type == "dora"
+    )
     default_units = None
     if settings.budget == "default":
         default_units = {
             p: lora_layers.describe_module(m)[1]
             for p, m in lora_layers.in_window(every_block, model, default_num_layers())
         }
-    return described, default_units
+    return lora_layers.in_window(every_block, model, args.num_layers), default_units
+
+
+def check_rank(rank: int, targets) -> None:
+    """The base rank fits every adapted module: at most its smaller dimension."""
+    over = [(p, lora_layers.rank_limit(m)) for p, m in targets]
+    over = [(p, limit) for p, limit in over if rank > limit]
+    if over:
+        path, limit = min(over, key=lambda pl: pl[1])
+        raise OptiqError(
+            f"--rank {rank} is larger than the smaller dimension of {len(over)} "
+            f"adapted modules (e.g. {path}: at most {limit}); a LoRA rank can't "
+            "exceed it"
+        )
+
+
+def _capped(ranks, targets, report):
+    """Ranks a policy gave above a module's smaller dimension, brought down to it."""
+    limits = {p: lora_layers.rank_limit(m) for p, m in targets}
+    capped = {p: min(r, limits[p]) for p, r in ranks.items()}
+    changed = sum(1 for p in ranks if capped[p] != ranks[p])
+    if changed:
+        report(
+            f"note: {changed} modules' ranks were above their smaller dimension "
+            "and were capped at it"
+        )
+    return capped
 
 
 def _report_plan(record, report):
@@ -163,22 +189,31 @@ def _report_plan(record, report):
         report(ranks.describe_layers(record.ranks, record.units))
 
 
-def _check_resume(resume_file, chosen):
-    found = adapter_read.mlx_ranks(adapter_read.read_safetensors_header(resume_file))
-    differ = sorted(p for p in chosen if p in found and found[p] != chosen[p])
+def check_resume(resume_file: Path, targets, params: dict, ranks: dict, args) -> None:
+    """The file ``--resume-adapter-file`` names fits this run: the ranks it
+    chooses and this model's shapes, checked before training starts."""
+    shapes = adapter_read.read_safetensors_header(resume_file)
+    found = adapter_read.mlx_ranks(shapes)
+    differ = sorted(p for p in ranks if p in found and found[p] != ranks[p])
     if differ:
         p = differ[0]
         raise OptiqError(
             f"{len(differ)} modules have other ranks than this run chooses (e.g. "
-            f"{p}: {found[p]} in the file, {chosen[p]} now); resume with the "
+            f"{p}: {found[p]} in the file, {ranks[p]} now); resume with the "
             "rank scaling, budget and base rank the file was trained with",
             resume_file,
         )
+    use_dora = args.fine_tune_type == "dora"
+    expected = lora_layers.expected_tensors(targets, params, ranks, use_dora)
+    adapter_read.check_tensors_fit(
+        resume_file, shapes, expected, ranks, ranks_from="this run's"
+    )
 
 
-def resume_lora_parameters(args, settings: RunSettings) -> Optional[dict]:
+def resume_lora_parameters(args, settings: RunSettings, model) -> Optional[dict]:
     """Without rank scaling: apply ``--rank``, and resume a mixed-rank adapter
-    at its own ranks. ``None`` when there is nothing to change.
+    at its own ranks, both checked against the model. ``None`` when there is
+    nothing to change.
 
     The ranks come from the file's tensors; the modules its run left out
     (rank 0) from the ``adapter_config.json`` beside it.
@@ -187,6 +222,9 @@ def resume_lora_parameters(args, settings: RunSettings) -> Optional[dict]:
     if settings.rank is None and resume is None:
         return None
     params = base_lora_parameters(args, settings)
+    targets, _ = _targets(settings, args, model, params)
+    if settings.rank is not None:
+        check_rank(params["rank"], targets)
     if resume is not None:
         resume = Path(resume)
         found = adapter_read.mlx_ranks(adapter_read.read_safetensors_header(resume))
@@ -199,4 +237,6 @@ def resume_lora_parameters(args, settings: RunSettings) -> Optional[dict]:
             found.update(dict.fromkeys(left_out - set(found), 0))
         if any(r != params["rank"] for r in found.values()):
             params["rank_pattern"] = found
+        ranks = {p: params.get("rank_pattern", {}).get(p, params["rank"]) for p, _ in targets}  # fmt: skip
+        check_resume(resume, targets, params, ranks, args)
     return params

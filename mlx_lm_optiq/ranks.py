@@ -271,7 +271,7 @@ def call_policy(name: str, policy: Callable, context: RankContext) -> Dict[str, 
             ranks = policy(context.base_rank, context.facts, context.report)
     except OptiqError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # the policy's failure, not the plugin's
         raise OptiqError(f"rank policy {name!r} failed: {type(e).__name__}: {e}") from e
     if not isinstance(ranks, dict) or set(ranks) != set(context.facts):
         raise OptiqError(
@@ -333,6 +333,17 @@ def assign(
     ranks = call_policy(name, policies[name], context)
     if allowed is not None:
         ranks = fit_budget(ranks, units, allowed)
+    if ranks and not any(ranks.values()):
+        smallest = MIN_RANK * min(units.values())
+        if allowed is not None and allowed < smallest:
+            raise OptiqError(
+                f"--rank-budget {settings.rank_budget}: {allowed:,} adapter "
+                f"parameters can't hold even one module at rank {MIN_RANK} (the "
+                f"smallest takes {smallest:,}); give a larger budget"
+            )
+        raise OptiqError(
+            f"rank policy {name!r} left every module out: nothing to train"
+        )
     return ranks, allowed
 
 

@@ -43,10 +43,15 @@ class Resident:
     key: AdapterKey
     path: str
     modules: dict  # {module path: (lora_a, lora_b, scale)}
+    pinned: bool = False  # given at start: served as long as the server runs
 
 
 class AtCapacity(OptiqError):
     """The registry holds ``--max-adapters`` adapters already."""
+
+
+class Pinned(OptiqError):
+    """An adapter given at start, which can't be unloaded."""
 
 
 class AdapterRegistry:
@@ -68,13 +73,19 @@ class AdapterRegistry:
         self._active = None  # key of the adapter swapped in, or None
         self._loads = itertools.count(1)
 
-    def add(self, name: str, path) -> dict:
-        """Read, check and register the adapter at ``path`` as ``name``."""
+    def add(self, name: str, path, pinned: bool = False) -> dict:
+        """Read, check and register the adapter at ``path`` as ``name``;
+        ``pinned`` ones (given at start) can't be removed."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise OptiqError(
                 f"adapter name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-'"
             )
-        modules = self._loader.submit(self._read, path).result()
+        try:
+            modules = self._loader.submit(self._read, path).result()
+        except (OptiqError, OSError):
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a file makes the readers raise
+            raise OptiqError(f"can't be read: {type(e).__name__}: {e}", path) from e
         with self._lock:
             if name in self._adapters:
                 raise OptiqError(f"an adapter named {name!r} is already loaded")
@@ -89,7 +100,7 @@ class AdapterRegistry:
             if self._dims is not None:
                 check_modules_fit(path, modules, self._dims)
             key = AdapterKey(name, next(self._loads))
-            self._adapters[name] = Resident(key, str(path), modules)
+            self._adapters[name] = Resident(key, str(path), modules, pinned)
             return self._describe(name)
 
     @staticmethod
@@ -103,8 +114,14 @@ class AdapterRegistry:
         return modules
 
     def remove(self, name: str) -> bool:
-        """Unload ``name``; its layers go now, or once no stream uses them."""
+        """Unload ``name``; its layers go now, or once no stream uses them.
+        False for an unknown name; a pinned adapter raises :class:`Pinned`."""
         with self._lock:
+            if name in self._adapters and self._adapters[name].pinned:
+                raise Pinned(
+                    f"adapter {name!r} was given with --adapter at start: it is "
+                    "served as long as the server runs"
+                )
             entry = self._adapters.pop(name, None)
             if entry is not None and entry.key != self._active:
                 self._layers.pop(entry.key, None)
@@ -127,7 +144,7 @@ class AdapterRegistry:
         return {
             "id": name,
             "object": "adapter",
-            "path": entry.path,
+            "source": "--adapter" if entry.pinned else "runtime",
             "modules": len(entry.modules),
             "rank_distribution": {str(r): n for r, n in ranks.items()},
         }

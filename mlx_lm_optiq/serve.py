@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         "it they answer 403",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        type=_count,
+        default=8 * 1024 * 1024,
+        metavar="N",
+        help="the largest request body accepted (default 8 MiB); larger ones answer "
+        "413 unread",
+    )
+    parser.add_argument(
         "--max-adapters",
         type=_count,
         metavar="N",
@@ -78,10 +86,10 @@ def start(args: argparse.Namespace, rest: List[str]) -> None:
     registry = AdapterRegistry(max_adapters=args.max_adapters)
     for name, path in args.adapter:
         try:
-            registry.add(name, path)
+            registry.add(name, path, pinned=True)
         except (OptiqError, OSError) as e:
             raise OptiqError(str(e), f"--adapter {name}={path}") from e
-    mlx_lm_server.serve(rest, registry, args.adapter_dir)
+    mlx_lm_server.serve(rest, registry, args.adapter_dir, args.max_request_bytes)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,10 +17,12 @@ from typing import Optional, Tuple
 from urllib.parse import unquote
 
 from .errors import OptiqError
-from .registry import AdapterKey, AdapterRegistry, AtCapacity
+from .layout import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, SIDECAR
+from .registry import AdapterKey, AdapterRegistry, AtCapacity, Pinned
 
 ADAPTERS = "/v1/adapters"
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = 64 * 1024  # POST /v1/adapters
+MAX_REQUEST_BYTES = 8 * 1024 * 1024  # a completion (--max-request-bytes)
 
 Reply = Tuple[int, dict]
 
@@ -40,12 +42,30 @@ def inside(adapter_dir, path) -> str:
     return resolved
 
 
+def files_inside(adapter_dir, path) -> str:
+    """``path`` (from :func:`inside`), if none of the files read from it
+    resolves outside ``adapter_dir`` either (a link to a file elsewhere)."""
+    root = os.path.realpath(adapter_dir)
+    for name in (CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, SIDECAR):
+        file = os.path.join(path, name)
+        if os.path.lexists(file):
+            resolved = os.path.realpath(file)
+            if os.path.commonpath([root, resolved]) != root:
+                raise Refused("adapters load only from the server's --adapter-dir")
+    return path
+
+
 def request_adapter(
-    registry: AdapterRegistry, body: dict, requested_model, served_model
+    registry: AdapterRegistry, body: dict, requested_model, served_model, draft=None
 ) -> Optional[AdapterKey]:
     """The adapter a completion request asks for (``adapter``, or mlx-lm's
     ``adapters``), or ``None`` for the base model. A ``ValueError`` says what
     is wrong with the request (mlx-lm answers it with a 400)."""
+    if body.get("draft_model", "default_model") not in ("default_model", draft):
+        raise ValueError(
+            "'draft_model' can only name the server's own --draft-model: a request "
+            "may not load another model"
+        )
     name = body.get("adapter", body.get("adapters"))
     if name is not None and not isinstance(name, str):
         raise ValueError("'adapter' must be the name of an adapter (a string)")
@@ -97,20 +117,30 @@ def post_adapter(registry: AdapterRegistry, adapter_dir, raw: bytes) -> Reply:
     ):
         return 400, {"error": 'expected {"name": ..., "path": ...}'}
     try:
-        return 201, registry.add(body["name"], inside(adapter_dir, body["path"]))
+        path = files_inside(adapter_dir, inside(adapter_dir, body["path"]))
+        return 201, registry.add(body["name"], path)
     except Refused as e:
         return 403, {"error": str(e)}
     except AtCapacity as e:
         return 409, {"error": str(e)}
     except (OptiqError, OSError, ValueError) as e:
-        return 400, {"error": str(e)}
+        return 400, {"error": _relative(str(e), adapter_dir)}
     except Exception as e:  # noqa: BLE001 - one bad file never stops the server
-        return 400, {"error": f"can't load it: {type(e).__name__}: {e}"}
+        return 400, {"error": _relative(f"can't load it: {type(e).__name__}: {e}", adapter_dir)}  # fmt: skip
+
+
+def _relative(message, adapter_dir):
+    """A message that names files inside the adapter directory, not where it is."""
+    root = os.path.realpath(adapter_dir)
+    return message.replace(root + os.sep, "").replace(str(adapter_dir) + os.sep, "")
 
 
 def delete_adapter(registry: AdapterRegistry, path: str) -> Reply:
     """Unload the adapter ``DELETE /v1/adapters/NAME`` names."""
     name = unquote(path[len(ADAPTERS) + 1 :])
-    if not registry.remove(name):
-        return 404, {"error": f"unknown adapter {name!r}"}
+    try:
+        if not registry.remove(name):
+            return 404, {"error": f"unknown adapter {name!r}"}
+    except Pinned as e:
+        return 409, {"error": str(e)}
     return 200, {"deleted": name}

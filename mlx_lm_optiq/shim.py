@@ -7,7 +7,8 @@
   ``mlx_lm_lora_configure`` before it loads the model,
   ``mlx_lm_lora_parameters`` before converting layers,
   ``mlx_lm_lora_training_functions`` for what ``train`` and ``evaluate``
-  take, and ``mlx_lm_lora_adapter_saved`` after training; ``load_adapters``
+  take, ``mlx_lm_lora_training_failed`` when training raises, and
+  ``mlx_lm_lora_adapter_saved`` after training; ``load_adapters``
   calls ``mlx_lm_load_adapters`` first; ``main`` reports an error a plugin
   raised on purpose as one line. The hooks run on
   :func:`mlx_lm_optiq.mlx_lm_hookspecs.get_plugin_manager`.
@@ -85,7 +86,7 @@ def on_import(module) -> None:
         _wrap(module, "run", _run)
         _wrap(module, "train_model", _train_model)
         _wrap(module, "evaluate_model", _evaluate_model)
-        _wrap(module, "train", _with_training_functions)
+        _wrap(module, "train", _train)
         _wrap(module, "evaluate", _with_training_functions)
         _wrap(module, "main", _main)
 
@@ -294,6 +295,19 @@ def _with_training_functions(original, *args, **kwargs):
         functions = _hook().mlx_lm_lora_training_functions(args=run_args, model=model)
         kwargs.update(functions or {})
     return original(*args, **kwargs)
+
+
+def _train(original, *args, **kwargs):
+    """``train`` as ``train_model`` calls it: the plugin's training functions,
+    and the failure hook if it raises."""
+    try:
+        return _with_training_functions(original, *args, **kwargs)
+    except Exception as error:
+        current = _current_run.get()
+        if current is not None:
+            run_args, model = current
+            _hook().mlx_lm_lora_training_failed(args=run_args, model=model, error=error)
+        raise
 
 
 def _main(original):

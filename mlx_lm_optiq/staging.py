@@ -6,6 +6,7 @@ directory in one rename only once the run has succeeded (:func:`finish`), so
 an interrupted or diverged run leaves a previous adapter as it was.
 """
 
+import errno
 import os
 from pathlib import Path
 from typing import Optional
@@ -76,3 +77,14 @@ def finish(args, staging: Path) -> Path:
         ) from e
     args.adapter_path = str(target)
     return target
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def write_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a file that could not be written (a full disk, a
+    file-size or quota limit), as Python or MLX's writers report it."""
+    if isinstance(error, OSError):
+        return error.errno in _WRITE_ERRORS
+    return isinstance(error, RuntimeError) and str(error).startswith("[write]")

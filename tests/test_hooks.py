@@ -18,13 +18,14 @@ HOOKS = [
 ]
 
 
-def test_there_are_nine_hooks():
+def test_there_are_ten_hooks():
     assert sorted(name for _, name, _ in HOOKS) == [
         "mlx_lm_load_adapters",
         "mlx_lm_lora_adapter_saved",
         "mlx_lm_lora_add_arguments",
         "mlx_lm_lora_configure",
         "mlx_lm_lora_parameters",
+        "mlx_lm_lora_training_failed",
         "mlx_lm_lora_training_functions",
         "optiq_adapter_saved",
         "optiq_register_metadata_readers",
@@ -40,6 +41,7 @@ TESTED_BY = {
     "mlx_lm_lora_add_arguments": "test_cli.py::test_help_explains_the_new_options",
     "mlx_lm_lora_configure": "test_cli.py::test_bad_settings_stop_before_the_model_loads",
     "mlx_lm_lora_training_functions": "test_shim.py::test_training_functions_reach_train_and_evaluate",
+    "mlx_lm_lora_training_failed": "test_trust.py::test_a_full_disk_mid_training_is_one_line_and_frees_the_space",
     "mlx_lm_lora_parameters": "test_shim.py::test_hooks_pass_through_when_nothing_is_asked",
     "mlx_lm_lora_adapter_saved": "test_cli.py::test_sidecar_records_every_module",
     "mlx_lm_load_adapters": "test_load.py::test_adapter_without_rank_pattern_loads_from_shapes",
@@ -283,6 +285,12 @@ BROKEN = {
         "import sys\nsys.exit(3)\n",
         "mlx_lm: skipped plugin 'exits_in_mlx_lm' (exits_in_mlx_lm_plugin): "
         "SystemExit: 3",
+    ),
+    "interrupts_on_import": (
+        "mlx_lm",
+        "raise KeyboardInterrupt\n",
+        "mlx_lm: skipped plugin 'interrupts_on_import' (interrupts_on_import_plugin): "
+        "KeyboardInterrupt: ",
     ),
 }
 

@@ -17,6 +17,8 @@ import pytest
 from conftest import TRAIN_ARGS, lora
 from mlx.utils import tree_flatten
 
+from mlx_lm_optiq.errors import OptiqError
+
 PROMPT = "the cat sees a big red"
 MESSAGES = [{"role": "user", "content": "two dogs and a bird"}]
 MAX_TOKENS = 8
@@ -316,6 +318,13 @@ INVALID = {
     "lora_parameters_list": dict(config=lambda d: {**d, "lora_parameters": []},
                                  problem="'lora_parameters' must be an object"),
     "deep_json": dict(config=lambda d: [[[[]]]], problem="expected a JSON object"),
+    "nan": dict(tensors=_first_a(lambda a: a * float("nan")), problem="hold NaN or inf"),
+    "extra_tensor": dict(tensors=lambda w: {**w, "model.layers.3.mlp.up_proj.m": mx.ones(8)},
+                         problem="model.layers.3.mlp.up_proj.m is not a LoRA tensor"),
+    "too_wide": dict(tensors=lambda w: {**w,
+                     "model.layers.3.self_attn.q_proj.lora_a": mx.zeros((64, 80)),
+                     "model.layers.3.self_attn.q_proj.lora_b": mx.zeros((80, 64))},
+                     problem="has rank 80, wider than its 64->64 layer"),
 }  # fmt: skip
 
 
@@ -388,14 +397,21 @@ def test_unbounded_or_blocking_files_are_refused_quickly(server, adapters, adapt
     (fifo / "adapters.safetensors").unlink()
     os.mkfifo(fifo / "adapters.safetensors")
     for name, path, problem in [
-        ("huge", huge, "truncated or not a safetensors file"),
-        ("zero", zero, "not a regular file"),
-        ("fifo", fifo, "not a regular file"),
-    ]:
+        ("huge", huge, "400 {\"error\": \"huge_header/adapters.safetensors: truncated or not a safetensors file"),
+        # a link to a file outside --adapter-dir is refused before it is read
+        ("zero", zero, "403 {\"error\": \"adapters load only from the server's --adapter-dir"),
+        ("fifo", fifo, "400 {\"error\": \"fifo/adapters.safetensors: not a regular file"),
+    ]:  # fmt: skip
         tic = time.monotonic()
         reply = _post(port, name, path)
-        assert reply.startswith("400") and problem in reply, reply
+        assert reply.startswith(problem), reply
         assert time.monotonic() - tic < 5
+    # a device file itself is refused by the readers, however it is reached
+    from mlx_lm_optiq.adapter_read import read_json
+    from mlx_lm_optiq.errors import OptiqError
+
+    with pytest.raises(OptiqError, match="/dev/zero: not a regular file"):
+        read_json("/dev/zero")
     assert _http(port, "GET", "/health").startswith("{")
 
 
@@ -550,3 +566,150 @@ def test_loading_on_request_threads_does_not_grow_memory(adapters):
     before = _rss_mib()
     on_new_threads(300)
     assert _rss_mib() - before < 1.5
+
+
+def _float64_copy(source, out):
+    """``source`` with its LoRA tensors in float64 (MLX can't write those)."""
+    import numpy
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, out)
+    (out / "adapter_model.safetensors").unlink(missing_ok=True)
+    weights = load_file(str(out / "adapters.safetensors"))
+    save_file({k: v.astype(numpy.float64) for k, v in weights.items()},
+              str(out / "adapters.safetensors"))  # fmt: skip
+    return out
+
+
+def test_float64_adapters_are_refused_naming_the_file(
+    server, adapters, adapter_dir, mixed_model
+):
+    _, port = server
+    f64 = _float64_copy(adapters["a"], adapter_dir / "f64")
+    reply = _post(port, "f64", f64)
+    assert reply.startswith('400 {"error": "f64/adapters.safetensors: model.layers.')
+    assert "tensors must be float32, float16 or bfloat16, got F64" in reply
+    # given at start: one line and exit 1, not a traceback
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lm_optiq.serve", "--model", str(mixed_model),
+         f"--adapter=f64={f64}", "--port", str(_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --adapter f64={f64}: {f64 / 'adapters.safetensors'}")
+
+
+def test_a_link_to_a_file_outside_the_adapter_dir_is_refused(
+    server, adapters, adapter_dir, tmp_path
+):
+    _, port = server
+    outside = _scaled_copy(adapters["a"], tmp_path / "elsewhere", 2.0)
+    inside = adapter_dir / "linked_file"
+    inside.mkdir()
+    (inside / "adapter_config.json").write_bytes(
+        (adapters["a"] / "adapter_config.json").read_bytes()
+    )
+    (inside / "adapters.safetensors").symlink_to(outside / "adapters.safetensors")
+    reply = _post(port, "linked", inside)
+    assert reply == '403 {"error": "adapters load only from the server\'s --adapter-dir"}'
+    (inside / "adapters.safetensors").unlink()
+    (inside / "adapters.safetensors").symlink_to(tmp_path / "missing.safetensors")
+    assert _post(port, "linked", inside) == reply  # a missing target: the same
+
+
+def _raw(port, head, body=b""):
+    """Send a raw HTTP request; the status line back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + body)
+        chunks = []
+        while chunk := s.recv(4096):  # the server closes the connection
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
+
+def test_every_request_body_is_bounded_and_draft_models_are_the_servers(
+    server, adapters
+):
+    client, port = server
+    huge = 9 * 1024 * 1024
+    tic = time.monotonic()
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(huge).encode() + b"\r\n\r\n"
+    )
+    reply = _raw(port, head, b"{")  # the rest never sent: the answer comes anyway
+    assert reply.startswith("HTTP/1.0 413") and "request body too large" in reply
+    assert time.monotonic() - tic < 5
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            model="default_model", prompt=PROMPT, max_tokens=2,
+            extra_body={"draft_model": str(adapters["a"])},
+        )  # fmt: skip
+    assert "may not load another model" in e.value.response.text
+    assert complete(client, "a")  # still serving
+
+
+def test_the_listing_is_for_this_machine_not_for_web_pages(server):
+    _, port = server
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/adapters", headers={"Origin": "http://evil.example"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers.get("Access-Control-Allow-Origin") is None
+        listed = json.loads(response.read())
+    assert [a["source"] for a in listed["data"]] == ["--adapter", "--adapter"]
+    assert not any("path" in a for a in listed["data"])
+
+
+def test_adapters_given_at_start_are_always_served(server):
+    client, port = server
+    reply = _http(port, "DELETE", "/v1/adapters/a")
+    assert reply == (
+        '409 {"error": "adapter \'a\' was given with --adapter at start: it is served '
+        'as long as the server runs"}'
+    )
+    assert complete(client, "a")
+
+
+def test_peft_configs_are_checked_and_keys_without_the_prefix_load(
+    server, adapters, adapter_dir, mixed_model
+):
+    from mlx_lm_optiq.export import main as export
+
+    _, port = server
+    peft = adapter_dir / "peft_r"
+    assert export([str(adapters["a"]), "--peft", str(peft)]) == 0
+    config = json.loads((peft / "adapter_config.json").read_text())
+    (peft / "adapter_config.json").write_text(json.dumps({**config, "r": "4"}))
+    reply = _post(port, "r_string", peft)
+    assert reply.startswith("400") and "r must be a whole number >= 1, got '4'" in reply
+    (peft / "adapter_config.json").write_text(json.dumps(config))
+    weights = mx.load(str(peft / "adapter_model.safetensors"))
+    bare = {k.removeprefix("base_model.model."): v for k, v in weights.items()}
+    mx.save_safetensors(str(peft / "adapter_model.safetensors"), bare, {"format": "pt"})
+    assert _post(port, "bare", peft).startswith("{")
+    client = server[0]
+    assert complete(client, "bare") == complete(client, "a")
+    assert _http(port, "DELETE", "/v1/adapters/bare").startswith("{")
+
+
+def test_patterns_that_are_slow_together_are_cut_off(adapters, mixed_model, tmp_path):
+    """Each key takes ~0.02-0.05 s, under the per-key limit; 200 of them on 14
+    modules would take minutes: the config gets 2 s for all of them."""
+    from mlx_lm_optiq.export import main as export
+
+    peft = tmp_path / "slow"
+    assert export([str(adapters["a"]), "--peft", str(peft)]) == 0
+    config = json.loads((peft / "adapter_config.json").read_text())
+    slow = "(?P<a>.*)(?P<b>.*)(?P<c>.*)(?P<d>.*)(?P<e>.*)(?P=e)(?P=d)(?P=c)(?P=b)(?P=a)j"
+    config["rank_pattern"] = {
+        **{f"{slow}(?#{i})": 4 for i in range(200)}, **config["rank_pattern"]
+    }
+    (peft / "adapter_config.json").write_text(json.dumps(config))
+    tic = time.monotonic()
+    with pytest.raises(OptiqError, match="patterns take over 2 s to match"):
+        mlx_lm.load(str(mixed_model), adapter_path=str(peft))
+    assert time.monotonic() - tic < 10
