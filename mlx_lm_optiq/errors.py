@@ -6,7 +6,7 @@ class OptiqError(ValueError):
 
     The message names the file (when there is one) and the problem, and says
     what to do where that is not obvious. Library callers get the exception;
-    only a command line (``mlx_lm.lora``, ``python -m mlx_lm_optiq.*``) turns
+    only a command line (``mlx_lm.lora``, ``mlx_lm_optiq.*``) turns
     it into one line and an exit status.
 
     Args:

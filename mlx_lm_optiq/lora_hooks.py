@@ -23,6 +23,7 @@ from . import (
     adapter_record,
     lora_layers,
     plugins,
+    ranks,
     settings,
     staging,
     train_step,
@@ -108,6 +109,11 @@ def mlx_lm_lora_training_functions(args, model):
     run = run_settings(args)
     if not run.active:
         return None  # stock mlx-lm: its own batches and loss
+    if run.rank_scaling is not None:  # below mlx-lm's banner, which says "rank N"
+        _report(
+            f"ranks: {ranks.rank_span(lora_layers.model_ranks(model))} per module (the rank "
+            f"above is the base rank {args.lora_parameters['rank']} the budget counts in)"
+        )
     return train_step.training_functions(run, model, _report)
 
 
@@ -146,7 +152,7 @@ def mlx_lm_lora_adapter_saved(args, model, adapter_path):
         adapter_dir = staging.finish(args, staged) if target else staged
         print(
             f"adapter with per-module ranks saved to {adapter_dir} "
-            f"(inspect with: python -m mlx_lm_optiq.info {adapter_dir})"
+            f"(inspect with: mlx_lm_optiq.info {adapter_dir})"
         )
     return result
 
@@ -157,8 +163,9 @@ def mlx_lm_lora_training_failed(args, model, error):
     partial directory where it holds nothing worth resuming from.
 
     A file it could not write (a full disk) takes the directory with it, which
-    would only keep the disk full; our own training functions' error (no batch
-    with a target token) takes it when no weights were saved yet.
+    would only keep the disk full; any other stop (our training functions'
+    error, Ctrl-C, a crash) takes it when no weights were saved yet, and
+    otherwise says how to resume from it.
     """
     staged = Path(args.adapter_path)
     target = staging.target_of(staged)
@@ -177,6 +184,13 @@ def mlx_lm_lora_training_failed(args, model, error):
         if not any(staged.glob("*.safetensors")):
             shutil.rmtree(staged, ignore_errors=True)
         raise OptiqError(f"{error}\n{target} is unchanged") from error
+    if target is not None and staged.is_dir():  # stopped: Ctrl-C, a crash
+        if any(staged.glob("*.safetensors")):
+            print(f"\n{staging.left_behind(staged)}")
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+            print(f"\n{target} is unchanged; the run saved no weights, and its "
+                  "partial directory was removed")  # fmt: skip
 
 
 @hookimpl

@@ -52,6 +52,15 @@ def model_linear_dims(model: nn.Module) -> Dict[str, Tuple[int, int]]:
     }
 
 
+def model_ranks(model: nn.Module) -> Dict[str, int]:
+    """``{module path: rank}`` of the LoRA layers in ``model``."""
+    return {
+        path: module["lora_a"].shape[1 if module["lora_a"].ndim == 3 else -1]
+        for path, module in model.named_modules()
+        if "lora_a" in module
+    }
+
+
 def base_layer(module: nn.Module) -> nn.Module:
     """The layer a LoRA layer wraps (``module`` itself when it is not one)."""
     return getattr(module, "linear", module)

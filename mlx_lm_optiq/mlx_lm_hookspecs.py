@@ -73,7 +73,8 @@ def mlx_lm_lora_training_functions(args, model):
 
 @hookspec
 def mlx_lm_lora_training_failed(args, model, error):
-    """Act when training stopped with an exception, before it propagates.
+    """Act when training stopped with an exception (Ctrl-C's
+    ``KeyboardInterrupt`` too), before it propagates.
 
     A plugin can undo what it set up for the run, and may raise
     ``ValueError`` or ``OSError`` to say in one line what went wrong instead.

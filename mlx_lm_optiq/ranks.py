@@ -352,6 +352,15 @@ def distribution(ranks: Mapping[str, int]) -> Dict[int, int]:
     return dict(sorted(Counter(r for r in ranks.values() if r > 0).items()))
 
 
+def rank_span(ranks) -> str:
+    """The adapted modules' ranks as ``"4-6"`` (or ``"8"``, or ``"none"``)."""
+    adapted = [r for r in ranks.values() if r > 0]
+    if not adapted:
+        return "none"
+    low, high = min(adapted), max(adapted)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def describe(ranks, units, base_rank) -> str:
     """The lines printed before training and by ``mlx_lm_optiq.info``."""
     trainable = parameter_count(ranks, units)

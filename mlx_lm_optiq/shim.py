@@ -27,37 +27,69 @@ import contextvars
 import functools
 import importlib.metadata
 import importlib.util
+import inspect
 import sys
 import threading
 from pathlib import Path
 
 from .mlx_lm_hookspecs import get_plugin_manager
 
-# The mlx-lm releases whose internals this module knows. Newer minor releases
-# are refused until they are checked.
-SUPPORTED_MLX_LM = ((0, 32, 2), (0, 33, 0))
+# The mlx-lm releases the shim is tested with; others are used when they have
+# every name it hooks into (FEATURES), with a note.
+TESTED_MLX_LM = ((0, 31, 3), (0, 33, 0))
+
+# module -> the names the shim wraps there (where mlx-lm looks them up)
+FEATURES = {
+    "mlx_lm.tuner.utils": ("linear_to_lora_layers", "load_adapters"),
+    "mlx_lm.lora": (
+        "build_parser", "run", "train_model", "evaluate_model", "train",
+        "evaluate", "main", "linear_to_lora_layers", "load_adapters",
+    ),
+}  # fmt: skip
 
 _patched = {}  # (module name, attribute) -> original
 _lock = threading.RLock()  # guards every swap of mlx-lm module attributes
 # (args, model) of the train_model / evaluate_model call in progress
 _current_run = contextvars.ContextVar("mlx_lm_optiq_run", default=None)
+_noted = []
 
 
 class UnsupportedMlxLm(RuntimeError):
     pass
 
 
-def _check_version():
+def _check_features(module):
+    """Every name the shim hooks into exists in ``module``, and ``train`` and
+    ``evaluate`` take a ``loss`` and an ``iterate_batches``; else the reason."""
     import mlx_lm
 
-    version = getattr(mlx_lm, "__version__", "0")
+    version = getattr(mlx_lm, "__version__", "?")
+    ours = importlib.metadata.version("mlx-lm-optiq")
+    for name in FEATURES.get(module.__name__, ()):
+        if not callable(getattr(module, name, None)):
+            raise UnsupportedMlxLm(
+                f"mlx-lm {version} has no {module.__name__}.{name}, which "
+                f"mlx-lm-optiq {ours} hooks into"
+            )
+    if module.__name__ == "mlx_lm.lora":
+        for name in ("train", "evaluate"):
+            function = getattr(module, name)
+            function = getattr(function, "__optiq_original__", function)
+            parameters = inspect.signature(function).parameters
+            if not {"loss", "iterate_batches"} <= set(parameters):
+                raise UnsupportedMlxLm(
+                    f"mlx-lm {version}'s {name}() takes no loss and "
+                    f"iterate_batches, which mlx-lm-optiq {ours} gives it"
+                )
     parsed = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
-    low, high = SUPPORTED_MLX_LM
-    if not (low <= parsed < high):
-        ours = importlib.metadata.version("mlx-lm-optiq")
-        raise UnsupportedMlxLm(
-            f"mlx-lm {version} is not supported by mlx-lm-optiq {ours} "
-            f"(needs >={'.'.join(map(str, low))},<{'.'.join(map(str, high))})"
+    low, high = TESTED_MLX_LM
+    if not (low <= parsed < high) and not _noted:
+        _noted.append(version)
+        print(
+            f"mlx-lm-optiq: mlx-lm {version} is not among the releases it was "
+            f"tested with (>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}); "
+            "every name it hooks into is there, so it does",
+            file=sys.stderr,
         )
 
 
@@ -70,7 +102,7 @@ def on_import(module) -> None:
     """Post-import hook: patch ``module`` (``mlx_lm.tuner.utils`` or ``mlx_lm.lora``)."""
     if upstream_has_hooks():
         return
-    _check_version()
+    _check_features(module)
     # Load the plugins now, so a broken or missing dependency fails open here
     # instead of in the middle of a command.
     get_plugin_manager()
@@ -302,7 +334,7 @@ def _train(original, *args, **kwargs):
     and the failure hook if it raises."""
     try:
         return _with_training_functions(original, *args, **kwargs)
-    except Exception as error:
+    except BaseException as error:  # Ctrl-C too: the run's files are left somewhere
         current = _current_run.get()
         if current is not None:
             run_args, model = current

@@ -42,6 +42,9 @@ def stage(args) -> Path:
     group = mx.distributed.init()
     token = 0
     if group.rank() == 0:  # made before the others learn its name
+        for earlier in sorted(target.parent.glob(f"{target.name}.{STAGING}-*")):
+            if target_of(earlier) == target and earlier.is_dir():
+                print(f"note: an earlier run left {earlier}: {_what_to_do(earlier)}")
         token = secrets.randbits(31)
         staging = atomic.new_dir_beside(target, STAGING, f"{token:08x}")
         print(
@@ -60,6 +63,24 @@ def target_of(staging) -> Optional[Path]:
     staging = Path(staging)
     name, sep, token = staging.name.rpartition(f".{STAGING}-")
     return staging.with_name(name) if sep and len(token) == 8 else None
+
+
+def _what_to_do(staging: Path) -> str:
+    checkpoints = sorted(staging.glob("*_adapters.safetensors"))
+    if checkpoints:
+        return (
+            f"resume from its last checkpoint with --resume-adapter-file "
+            f"{checkpoints[-1]}, or delete it"
+        )
+    return "it holds no checkpoint; delete it"
+
+
+def left_behind(staging: Path) -> str:
+    """What to do with the directory of a run that stopped, said once it has."""
+    return (
+        f"{target_of(staging)} is unchanged; this run's files are in {staging}: "
+        f"{_what_to_do(staging)}"
+    )
 
 
 def finish(args, staging: Path) -> Path:

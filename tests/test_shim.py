@@ -99,17 +99,22 @@ def test_training_functions_reach_train_and_evaluate(
     assert "Test loss 7.000" in out
 
 
-def test_unsupported_version_is_refused(monkeypatch):
-    monkeypatch.setattr(mlx_lm, "__version__", "0.40.1")
+def test_an_mlx_lm_without_what_the_shim_hooks_into_is_refused():
+    import types
+
+    lora = types.ModuleType("mlx_lm.lora")
     with pytest.raises(
         shim.UnsupportedMlxLm,
-        match=r"mlx-lm 0.40.1 is not supported .*>=0.32.2,<0.33.0",
+        match=rf"mlx-lm {mlx_lm.__version__} has no mlx_lm.lora.build_parser, "
+        "which mlx-lm-optiq 0.1.0 hooks into",
     ):
-        shim.on_import(mlx_lm.lora)
+        shim.on_import(lora)
 
 
+# mlx-lm with a train() that takes no loss: one the shim can't hook into
 UNSUPPORTED = (
-    "import sys, mlx_lm; mlx_lm.__version__ = '0.40.1'; sys.argv[1:] = {argv!r}; "
+    "import sys, mlx_lm.tuner.trainer as t; "
+    "t.train = lambda model, optimizer, train_dataset: None; sys.argv[1:] = {argv!r}; "
     "import mlx_lm.lora; print('wrapped' if hasattr(mlx_lm.lora.train_model, "
     "'__optiq_original__') else 'stock')"
 )
@@ -120,7 +125,21 @@ def test_unsupported_version_fails_open_with_one_line():
     assert proc.stdout.strip() == "stock"
     assert proc.stderr.strip().splitlines() == [
         "mlx-lm-optiq: not active, mlx-lm runs unmodified (UnsupportedMlxLm: "
-        "mlx-lm 0.40.1 is not supported by mlx-lm-optiq 0.1.0 (needs >=0.32.2,<0.33.0))"
+        f"mlx-lm {mlx_lm.__version__}'s train() takes no loss and iterate_batches, "
+        "which mlx-lm-optiq 0.1.0 gives it)"
+    ]
+
+
+def test_another_version_with_every_feature_is_used_with_a_note():
+    code = (
+        "import mlx_lm; mlx_lm.__version__ = '0.40.1'; import mlx_lm.lora; "
+        "print(hasattr(mlx_lm.lora.train_model, '__optiq_original__'))"
+    )
+    proc = run([sys.executable, "-c", code])
+    assert proc.stdout.strip() == "True"
+    assert proc.stderr.strip().splitlines() == [
+        "mlx-lm-optiq: mlx-lm 0.40.1 is not among the releases it was tested with "
+        "(>=0.31.3,<0.33.0); every name it hooks into is there, so it does"
     ]
 
 

@@ -133,10 +133,10 @@ def test_a_head_that_is_not_found_is_said():
 
 def test_aligned_batches_are_mlx_lm_batches_padded():
     data = [([1] * n, 0) for n in (5, 9, 40, 70, 130, 131, 200)] * 2
-    stock = list(iterate_batches(data, 2, 2048, seed=0))
+    stock = list(iterate_batches(data, 2, 2048, seed=3))
     skipped = train_step.SkippedBatches()
     ours = list(
-        train_step.batch_iterator(iterate_batches, 128, skipped)(data, 2, 2048, seed=0)
+        train_step.batch_iterator(iterate_batches, 128, skipped)(data, 2, 2048, seed=3)
     )
     assert len(ours) == len(stock) and skipped.count == 0
     for (b, l), (sb, sl) in zip(ours, stock):
@@ -148,7 +148,7 @@ def test_aligned_batches_are_mlx_lm_batches_padded():
     # --max-seq-length counts model-input tokens: rows keep 257 tokens
     data += [([1] * 300, 0)] * 2
     capped = list(
-        train_step.batch_iterator(iterate_batches, 128, skipped)(data, 2, 256, seed=0)
+        train_step.batch_iterator(iterate_batches, 128, skipped)(data, 2, 256, seed=3)
     )
     assert max(b.shape[1] for b, _ in capped) == 257
     assert max(int(l[:, 1].max()) for _, l in capped) == 257
@@ -242,7 +242,9 @@ def test_lora_in_the_input_dtype():
     for m in (model, stock):
         m.set_dtype(mx.bfloat16, lambda dtype: dtype == mx.float32)
         for _, layer in m.named_modules():
-            if hasattr(layer, "lora_a"):  # LoRA weights stay float32, as mlx-lm keeps them
+            if hasattr(
+                layer, "lora_a"
+            ):  # LoRA weights stay float32, as mlx-lm keeps them
                 layer.lora_a = layer.lora_a.astype(mx.float32)
                 layer.lora_b = layer.lora_b.astype(mx.float32)
     want, _, want_grads = value_and_grads(stock, default_loss, batch, lengths)
@@ -259,7 +261,7 @@ def test_lora_compute_through_the_cli(fp_model, data_dir, tmp_path):
         "--lora-compute", "input", "--adapter-path", tmp_path / "a",
     )  # fmt: skip
     assert "LoRA matmuls in the activations' dtype" in proc.stdout
-    stock = lora(
+    lora(
         "--model", fp_model, "--data", data_dir, *TRAIN_ARGS,
         "--adapter-path", tmp_path / "b",
     )  # fmt: skip
