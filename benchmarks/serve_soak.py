@@ -1,4 +1,4 @@
-"""A bounded soak of ``python -m mlx_lm_optiq.serve``: mixed traffic for minutes.
+"""A bounded soak of ``mlx_lm_optiq.serve``: mixed traffic for minutes.
 
 Starts the real server on loopback with some resident adapters and
 ``--adapter-dir``, then for ``--seconds``: ``--clients`` threads send

@@ -1,7 +1,7 @@
 """Hot-swap serving: adapter switch cost against a full reload, and tokens/s
 with 1 vs 8 resident adapters.
 
-The switch is what ``python -m mlx_lm_optiq.serve`` does between requests for
+The switch is what ``mlx_lm_optiq.serve`` does between requests for
 different adapters (swap LoRA layers around the shared base layers); the
 reload is what stock ``mlx_lm.server`` does (``mlx_lm.load`` with the other
 adapter). Medians over repeats, in one process.

@@ -3,7 +3,7 @@
 Builds a tiny Llama-architecture model quantized 4/8-bit mixed (the way
 OptiQ leaves a model: sensitive projections kept at 8 bits) and a toy
 dataset, trains a LoRA adapter with ``mlx_lm.lora --rank-scaling by_bits``,
-then shows the adapter with ``python -m mlx_lm_optiq.info``.
+then shows the adapter with ``mlx_lm_optiq.info``.
 
     python examples/train_tiny.py [--out DIR] [--iters N]
 """
@@ -44,7 +44,7 @@ def main():
     print(f"[2/3] {' '.join(lora[1:])}")
     subprocess.run(lora, check=True)
 
-    print(f"[3/3] python -m mlx_lm_optiq.info {adapter}")
+    print(f"[3/3] mlx_lm_optiq.info {adapter}")
     subprocess.run(
         [sys.executable, "-m", "mlx_lm_optiq.info", str(adapter)], check=True
     )

@@ -1,6 +1,7 @@
-"""The command-line boundary of every ``python -m mlx_lm_optiq.<command>``."""
+"""The command-line boundary of every ``mlx_lm_optiq.<command>``."""
 
 import argparse
+import importlib.metadata
 import sys
 from typing import Callable
 
@@ -15,3 +16,27 @@ def run_command(action: Callable[[argparse.Namespace], object], args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def version_line(prog: str) -> str:
+    """``prog 0.1.0 (mlx-lm 0.32.2, mlx 0.32.4)``, read without importing them."""
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"{prog} {version('mlx-lm-optiq')} (mlx-lm {version('mlx-lm')}, "
+        f"mlx {version('mlx')})"
+    )
+
+
+def add_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--version`` for a command's parser."""
+    parser.add_argument(
+        "--version", action="version", version=version_line(parser.prog),
+        help="print the versions of mlx-lm-optiq, mlx-lm and mlx",
+    )  # fmt: skip
+    return parser

@@ -1,4 +1,4 @@
-"""Export an adapter for other loaders: ``python -m mlx_lm_optiq.export DIR``.
+"""Export an adapter for other loaders: ``mlx_lm_optiq.export DIR``.
 
 ``--peft OUT`` writes a clean PEFT-only directory (``adapter_config.json`` with
 only PEFT's keys, ``adapter_model.safetensors``). ``--pad OUT`` writes a
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import adapter_read
-from ._cli import run_command
+from ._cli import add_version, run_command
 from .adapter_read import load_modules
 from .adapter_record import from_adapter_dir
 from .adapter_write import check_peft_architecture, peft_config, save_peft_tensors
@@ -62,13 +62,32 @@ def check_module_names(base: str, paths) -> bool:
     return True
 
 
+def _check_or_warn(base: str, paths) -> None:
+    """:func:`check_module_names`, or a warning that says why it could not run."""
+    if not (Path(base) / "config.json").is_file():
+        why = f"--base {base} is not a local model directory with a config.json"
+    elif check_module_names(base, paths):
+        return
+    else:
+        why = (
+            "torch and transformers are not installed (pip install "
+            "'mlx-lm-optiq[hf]' installs them)"
+        )
+    print(
+        f"WARNING: the module paths were NOT checked against {base}: {why}. PEFT "
+        "skips a target module that matches nothing, so a wrong path would load "
+        "without error and compute the base model.",
+        file=sys.stderr,
+    )
+
+
 def export_peft(adapter_dir, out, base: Optional[str] = None) -> None:
     adapter_dir = Path(adapter_dir)
     record = from_adapter_dir(adapter_dir)
     modules, dropout = load_modules(adapter_dir)
     check_peft_architecture(_model_type(record, base))
-    if base and (Path(base) / "config.json").is_file():
-        check_module_names(base, modules)
+    if base:
+        _check_or_warn(base, modules)
     scales = Counter(scale for _, _, scale in modules.values())
     scale = scales.most_common(1)[0][0]
     ranks = {p: a.shape[1] for p, (a, _, _) in modules.items()}
@@ -138,7 +157,7 @@ def export_padded(adapter_dir, out) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_lm_optiq.export",
+        prog="mlx_lm_optiq.export",
         description="Export a LoRA adapter directory: a clean PEFT-only copy, or a "
         "uniform-rank copy that stock mlx-lm loads without the plugin.",
     )
@@ -155,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="base model for PEFT's base_model_name_or_path (a Hugging Face id or a "
         "local transformers directory, whose module names are then checked)",
     )
+    add_version(parser)
     return parser
 
 

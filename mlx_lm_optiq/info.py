@@ -1,4 +1,4 @@
-"""Show what an adapter directory holds: ``python -m mlx_lm_optiq.info DIR``.
+"""Show what an adapter directory holds: ``mlx_lm_optiq.info DIR``.
 
 Reads adapters written with ``--rank-scaling``, stock mlx-lm adapters,
 mlx-optiq 0.7.7 adapters and PEFT LoRA adapters. ``--plot ranks.png`` draws
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ._cli import run_command
+from ._cli import add_version, run_command
 from .adapter_record import (
     MLX_LM,
     MLX_OPTIQ,
@@ -24,7 +24,7 @@ from .adapter_record import (
 from .atomic import atomic_write
 from .errors import OptiqError
 from .metadata import SENSITIVITY, canonical, read_sensitivity
-from .ranks import describe, distribution, layer_of
+from .ranks import describe, distribution, layer_of, rank_span
 
 TITLES = {
     OURS: "OptiQ LoRA adapter",
@@ -73,7 +73,8 @@ def render(record: AdapterRecord, layers: bool = False) -> str:
     lines = [
         TITLES[record.kind],
         f"  base: {record.base_model or 'unknown'}",
-        f"  rank: {record.base_rank} (scaling: {record.scaling or 'constant'})",
+        f"  ranks: {rank_span(record.ranks)} per module (base rank {record.base_rank}"
+        + (f", scaling: {record.scaling})" if record.scaling else ")"),
         f"  scale: {record.scale}  dropout: {record.dropout}",
     ]
     if record.budget_parameters is not None:
@@ -161,7 +162,15 @@ def heat_grid(record: AdapterRecord) -> tuple:
 
 
 def plot(record: AdapterRecord, out) -> None:
-    """A layer x module-type heat map of the ranks (and KL, when known) to ``out``.
+    """:func:`heat_map` written to the image file ``out``."""
+    _, plt = _matplotlib()
+    fig = heat_map(record)
+    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+
+
+def heat_map(record: AdapterRecord):
+    """A layer x module-type heat map of the ranks (and KL, when known).
 
     Ranks are whole numbers, so each rank that occurs gets its own colour
     and its own tick; every cell is labelled with its rank when they fit.
@@ -171,12 +180,14 @@ def plot(record: AdapterRecord, out) -> None:
     matplotlib, plt = _matplotlib()
     layers, kinds, rank, kl = heat_grid(record)
     values = sorted({int(v) for v in rank[~np.isnan(rank)]}) or [0]
-    edges = [v - 0.5 for v in values] + [values[-1] + 0.5]
+    # drawn by the index of each rank among those that occur: one band each
+    index = np.vectorize(lambda v: np.nan if np.isnan(v) else values.index(int(v)))
     colours = plt.get_cmap("viridis", max(len(values), 2))
     panels = [
-        ("LoRA rank (empty: left out)", rank,
+        ("LoRA rank (empty: left out)", index(rank) if rank.size else rank,
          matplotlib.colors.ListedColormap(colours(range(len(values)))),
-         matplotlib.colors.BoundaryNorm(edges, len(values)), values),
+         matplotlib.colors.BoundaryNorm(np.arange(len(values) + 1) - 0.5, len(values)),
+         values),
     ]  # fmt: skip
     if not np.all(np.isnan(kl)):
         norm = matplotlib.colors.LogNorm(np.nanmin(kl), np.nanmax(kl))
@@ -194,9 +205,12 @@ def plot(record: AdapterRecord, out) -> None:
         ax.set_yticks(range(len(layers)), [str(k) for k in layers], fontsize=8)
         ax.set_ylabel("layer")
         ax.set_title(title, fontsize=10)
-        fig.colorbar(image, ax=ax, shrink=0.8, ticks=ticks)
+        bar = fig.colorbar(image, ax=ax, shrink=0.8)
+        if ticks is not None:  # a rank per band, at its middle
+            bar.set_ticks(range(len(ticks)), labels=[str(t) for t in ticks])
+            bar.ax.tick_params(labelsize=9)
     if len(layers) <= 64:
-        _label_cells(np.atleast_1d(axes)[0], rank, values)
+        _label_cells(np.atleast_1d(axes)[0], rank, values, colours)
     adapted = len(record.modules) - len(record.left_out)
     fig.suptitle(
         f"{record.path.name}: {record.scaling or 'constant'}, "
@@ -205,24 +219,24 @@ def plot(record: AdapterRecord, out) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    return fig
 
 
-def _label_cells(ax, rank, values):
+def _label_cells(ax, rank, values, colours):
+    """Each cell's rank, in black or white as its colour is light or dark."""
     import numpy as np
 
-    middle = values[len(values) // 2]
     for (row, col), value in np.ndenumerate(rank):
         if not np.isnan(value):
-            colour = "white" if value < middle or len(values) == 1 else "black"
-            ax.text(col, row, int(value), ha="center", va="center", fontsize=8,
-                    color=colour)  # fmt: skip
+            red, green, blue, _ = colours(values.index(int(value)))
+            light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
+            ax.text(col, row, int(value), ha="center", va="center", fontsize=9,
+                    color="black" if light else "white")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_lm_optiq.info",
+        prog="mlx_lm_optiq.info",
         description="Show the rank distribution and parameter counts of a LoRA "
         "adapter directory (mlx-lm-optiq, stock mlx-lm, mlx-optiq or PEFT).",
     )
@@ -237,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also draw a layer x module-type heat map of the ranks (and KL) "
         "to PNG (needs matplotlib: the [plot] extra)",
     )
+    add_version(parser)
     return parser
 
 

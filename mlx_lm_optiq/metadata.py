@@ -251,3 +251,16 @@ def module_facts(targets, all_paths, sources, report=print) -> Dict[str, ModuleF
             )
         facts[path] = fact
     return facts
+
+
+def resolve_model_dir(model) -> Optional[Path]:
+    """The local directory of ``--model``: a path, or mlx-lm's Hugging Face cache."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from mlx_lm.utils import hf_repo_to_path
+
+    try:
+        return hf_repo_to_path(model)
+    except (OSError, ValueError):  # not cached: no metadata files to read
+        return None

@@ -12,6 +12,7 @@ adapters and their layers are :mod:`mlx_lm_optiq.registry`'s.
 """
 
 import contextlib
+import io
 import json
 import logging
 import sys
@@ -190,6 +191,24 @@ def _argv(argv):
         yield
     finally:
         sys.argv = saved
+
+
+def server_options_help() -> str:
+    """The options section of ``mlx_lm.server --help``: what ``serve`` passes on."""
+    text = io.StringIO()
+    with _argv(["--help"]), contextlib.redirect_stdout(text):
+        try:
+            server.main()
+        except SystemExit:
+            pass
+    _, _, options = text.getvalue().partition("options:\n")
+    lines = options.splitlines()
+    # its own -h line (ours is above) and the help text's wrapped continuation
+    while lines and (
+        lines[0].lstrip().startswith("-h") or lines[0].startswith(" " * 8)
+    ):
+        lines.pop(0)
+    return "\n".join(lines)
 
 
 def serve(

@@ -46,19 +46,6 @@ def base_lora_parameters(args, settings: RunSettings) -> dict:
     return params
 
 
-def resolve_model_dir(model) -> Optional[Path]:
-    """The local directory of ``--model``: a path, or mlx-lm's Hugging Face cache."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from mlx_lm.utils import hf_repo_to_path
-
-    try:
-        return hf_repo_to_path(model)
-    except (OSError, ValueError):  # not cached: no metadata files to read
-        return None
-
-
 def default_num_layers() -> int:
     """mlx-lm's default ``--num-layers``: the window ``--rank-budget default`` prices."""
     from mlx_lm.lora import CONFIG_DEFAULTS
@@ -96,7 +83,7 @@ def plan_run(
     described = {p: lora_layers.describe_module(m) for p, m in targets}
     units = {p: u for p, (_, u) in described.items()}
     sources = metadata.read_sources(
-        resolve_model_dir(args.model), plugins.metadata_readers()
+        metadata.resolve_model_dir(args.model), plugins.metadata_readers()
     )
     facts = metadata.module_facts(
         [(p, bits) for p, (bits, _) in described.items()],

@@ -1,4 +1,4 @@
-"""Mixed-precision quantization from sensitivity: ``python -m mlx_lm_optiq.quantize``.
+"""Mixed-precision quantization from sensitivity: ``mlx_lm_optiq.quantize``.
 
 Chooses per-module bits under a bits-per-weight budget, greedily: every
 module starts at the lowest candidate bits; then, while the budget allows, the
@@ -19,11 +19,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ._cli import run_command
+from ._cli import add_version, run_command
 from .atomic import atomic_write_dir, atomic_write_json
 from .checks import is_whole
 from .errors import OptiqError
-from .metadata import OPTIQ_METADATA, SENSITIVITY, read_sensitivity
+from .metadata import OPTIQ_METADATA, SENSITIVITY, read_sensitivity, resolve_model_dir
 
 
 def storage_bits(bits: int, group_size: int) -> float:
@@ -190,7 +190,7 @@ def _sensitivity_file(args, model_path):
     if not sensitivity.is_file():
         raise OptiqError(
             "no sensitivity file; measure it first with "
-            f"python -m mlx_lm_optiq.sensitivity {model_path} --data DIR",
+            f"mlx_lm_optiq.sensitivity {model_path} --data DIR",
             sensitivity,
         )
     return sensitivity
@@ -203,7 +203,7 @@ def quantize(args: argparse.Namespace) -> Path:
 
     from .sensitivity import block_linears
 
-    model_path = Path(args.model)
+    model_path = resolve_model_dir(args.model) or Path(args.model)
     sensitivity = _sensitivity_file(args, model_path)
     modules, not_measured, partial = _sensitivity_modules(sensitivity, args.bits)
     out = Path(args.output)
@@ -261,10 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .sensitivity import add_quantization_arguments, positive
 
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_lm_optiq.quantize",
+        prog="mlx_lm_optiq.quantize",
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
-    parser.add_argument("model", help="local float mlx-lm model directory")
+    parser.add_argument(
+        "model",
+        help="a float mlx-lm model: a local directory, or a Hugging Face id that "
+        "mlx_lm_optiq.sensitivity has measured (in the Hugging Face cache)",
+    )
     parser.add_argument("-o", "--output", required=True, help="directory to write")
     parser.add_argument(
         "--target-bpw",
@@ -276,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sensitivity", help="sensitivity file (default MODEL/optiq/sensitivity.json)"
     )
+    add_version(parser)
     return parser
 
 

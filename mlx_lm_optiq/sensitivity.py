@@ -1,4 +1,4 @@
-"""Measure quantization sensitivity: ``python -m mlx_lm_optiq.sensitivity MODEL --data DIR``.
+"""Measure quantization sensitivity: ``mlx_lm_optiq.sensitivity MODEL --data DIR``.
 
 For each linear module of each transformer block and each candidate
 bit-width, quantize that module alone, run the model on rows of the
@@ -31,10 +31,10 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import __version__
-from ._cli import run_command
+from ._cli import add_version, run_command
 from .atomic import atomic_write_json
 from .errors import OptiqError
-from .metadata import SENSITIVITY
+from .metadata import SENSITIVITY, resolve_model_dir
 
 METRIC = "kl_divergence_vs_reference"
 GROUP_SIZES = (32, 64, 128)
@@ -370,9 +370,9 @@ def _selected(target, layers, modules):
 def measure(args: argparse.Namespace) -> Path:
     import mlx_lm
 
-    model_path = Path(args.model)
+    model, tokenizer = mlx_lm.load(args.model)  # a Hugging Face id downloads first
+    model_path = resolve_model_dir(args.model) or Path(args.model)
     out = Path(args.output) if args.output else model_path / SENSITIVITY
-    model, tokenizer = mlx_lm.load(str(model_path))
     sequences = token_sequences(tokenizer, args.data, args.samples, args.max_seq_length)
     settings = settings_of(args, sequences, model_path)
     done = {} if args.restart else _resume(out, settings)
@@ -555,14 +555,19 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_lm_optiq.sensitivity",
+        prog="mlx_lm_optiq.sensitivity",
         description="Measure, per linear module, the KL divergence caused by "
         "quantizing that module alone, on text from the training data. Writes "
         "MODEL/optiq/sensitivity.json (OptiQ's format). Each trial runs from its "
         "module's own block; the command says how many trials there are and, "
         "after the first module, how long they will take.",
     )
-    parser.add_argument("model", help="local mlx-lm model directory")
+    parser.add_argument(
+        "model",
+        help="an mlx-lm model: a local directory, or a Hugging Face id (mlx-lm "
+        "downloads it; the result goes in its directory in the Hugging Face cache, "
+        "where --rank-scaling by_kl finds it)",
+    )
     parser.add_argument(
         "--data", required=True, help="directory with train.jsonl (mlx-lm formats)"
     )
@@ -588,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--restart", action="store_true", help="ignore a previous partial file"
     )
+    add_version(parser)
     return parser
 
 

@@ -1,10 +1,11 @@
-"""Many adapters resident on one base model: ``python -m mlx_lm_optiq.serve``.
+"""Many adapters resident on one base model: ``mlx_lm_optiq.serve``.
 
-    python -m mlx_lm_optiq.serve --model M --adapter math=./math --adapter chat=./chat \\
+    mlx_lm_optiq.serve [--model M] --adapter math=./math --adapter chat=./chat \\
         [--adapter-dir ./adapters] [--max-adapters 16]
 
 mlx-lm's OpenAI-compatible server (all its options work) with every named
-adapter kept in memory. A request picks one with ``"adapter": "math"`` (or
+adapter kept in memory; without ``--model`` the base model is the one the
+first adapter's record names. A request picks one with ``"adapter": "math"`` (or
 none for the base model); switching swaps LoRA layers in and out around the
 shared base layers and never reloads weights (:mod:`.registry`). What each
 request gets is :mod:`.serve_api`'s; mlx-lm's server is reached only through
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ._cli import run_command
+from ._cli import add_version, run_command
+from .adapter_record import from_adapter_dir
 from .errors import OptiqError
 from .registry import AdapterRegistry
 
@@ -36,7 +38,7 @@ def _count(text):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_lm_optiq.serve",
+        prog="mlx_lm_optiq.serve",
         description="mlx-lm's OpenAI-compatible server with many LoRA adapters "
         "resident on one base model, chosen per request with the 'adapter' field. "
         "Every mlx_lm.server option is accepted too (see mlx_lm.server --help).",
@@ -74,11 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most N adapters resident; a POST beyond it answers 409 until one "
         "is deleted",
     )
+    add_version(parser)
     return parser
+
+
+def _model_given(rest: List[str]) -> Optional[str]:
+    """mlx_lm.server's ``--model`` among the options passed on to it."""
+    model = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    model.add_argument("--model")
+    return model.parse_known_args(rest)[0].model
+
+
+def base_model(args: argparse.Namespace, rest: List[str]) -> List[str]:
+    """``rest`` with ``--model``: given, or the first adapter's base model."""
+    if _model_given(rest):
+        return rest
+    name, path = args.adapter[0]
+    try:
+        base = from_adapter_dir(path).base_model
+    except (OptiqError, OSError) as e:
+        raise OptiqError(str(e), f"--adapter {name}={path}") from e
+    if not base:
+        raise OptiqError(
+            "its record names no base model; give --model M", f"--adapter {name}={path}"
+        )
+    print(f"serving base model {base} (from adapter {name}'s record)", file=sys.stderr)
+    return ["--model", base, *rest]
 
 
 def start(args: argparse.Namespace, rest: List[str]) -> None:
     """Load the adapters given at start, then serve until stopped."""
+    rest = base_model(args, rest)
     from . import mlx_lm_server  # checks the installed mlx-lm's server first
 
     if args.adapter_dir and not Path(args.adapter_dir).is_dir():
@@ -98,7 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.help:
+        from .mlx_lm_server import server_options_help
+
         parser.print_help()
+        print(f"\noptions passed on to mlx_lm.server:\n{server_options_help()}")
         return 0
     if _startup.disabled():
         print(
@@ -108,6 +139,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if not args.adapter and not _model_given(rest):
+        parser.error(
+            "no model to serve: give --model M (the base model), or --adapter "
+            "NAME=PATH for an adapter whose record names its base model"
+        )
     return run_command(lambda a: start(a, rest), args)
 
 

@@ -20,7 +20,7 @@ def test_our_adapter(by_bits_adapter, mixed_model):
     assert out.splitlines()[:6] == [
         "OptiQ LoRA adapter",
         f"  base: {mixed_model}",
-        "  rank: 4 (scaling: by_bits)",
+        "  ranks: 4-8 per module (base rank 4, scaling: by_bits)",
         "  scale: 20.0  dropout: 0.0",
         "  rank distribution: {4: 10, 8: 4} across 14 adapted modules",
         "  adapter parameters: 10,496 (1.28x the 8,192 of constant rank 4)",
@@ -76,7 +76,7 @@ def test_stock_mlx_lm_adapter(tmp_path):
     )
     out = info(tmp_path).stdout
     assert "mlx-lm LoRA adapter" in out
-    assert "rank: 8 (scaling: constant)" in out
+    assert "ranks: 8 per module (base rank 8)" in out
     assert "scale: 20.0  dropout: 0.05" in out
     assert "{8: 3} across 3 adapted modules" in out
     assert "adapter parameters: 3,072 (1.00x the 3,072 of constant rank 8)" in out
@@ -120,7 +120,7 @@ def test_mlx_optiq_077_adapter(tmp_path):
     out = info(tmp_path).stdout
     assert "OptiQ LoRA adapter (mlx-optiq)" in out
     assert "base: mlx-community/Qwen3.5-9B-OptiQ-4bit" in out
-    assert "rank: 8 (scaling: by_bits)" in out
+    assert "ranks: 8-16 per module (base rank 8, scaling: by_bits)" in out
     assert "{8: 1, 16: 1} across 2 adapted modules" in out
 
 
@@ -149,7 +149,8 @@ def test_peft_adapter(tmp_path):
     )
     out = info(tmp_path).stdout
     assert "PEFT LoRA adapter" in out
-    assert "rank: 4" in out and "scale: 2.0  dropout: 0.1" in out
+    assert "ranks: 4-12 per module (base rank 4)" in out
+    assert "scale: 2.0  dropout: 0.1" in out
     assert "{4: 1, 12: 1} across 2 adapted modules" in out
     assert "adapter parameters: 1,536 (2.00x the 768 of constant rank 4)" in out
 

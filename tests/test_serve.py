@@ -77,7 +77,8 @@ def expected_outputs(model_path, adapters):
 def start_server(mixed_model, adapters, *extra):
     port = _port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm_optiq.serve", "--model", str(mixed_model),
+        [sys.executable, "-m", "mlx_lm_optiq.serve",
+         *(["--model", str(mixed_model)] if mixed_model else []),
          *[f"--adapter={n}={p}" for n, p in adapters.items()],
          "--host", "127.0.0.1", "--port", str(port), *map(str, extra)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -597,7 +598,9 @@ def test_float64_adapters_are_refused_naming_the_file(
     )  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"error: --adapter f64={f64}: {f64 / 'adapters.safetensors'}")
+    assert line.startswith(
+        f"error: --adapter f64={f64}: {f64 / 'adapters.safetensors'}"
+    )
 
 
 def test_a_link_to_a_file_outside_the_adapter_dir_is_refused(
@@ -612,7 +615,9 @@ def test_a_link_to_a_file_outside_the_adapter_dir_is_refused(
     )
     (inside / "adapters.safetensors").symlink_to(outside / "adapters.safetensors")
     reply = _post(port, "linked", inside)
-    assert reply == '403 {"error": "adapters load only from the server\'s --adapter-dir"}'
+    assert (
+        reply == '403 {"error": "adapters load only from the server\'s --adapter-dir"}'
+    )
     (inside / "adapters.safetensors").unlink()
     (inside / "adapters.safetensors").symlink_to(tmp_path / "missing.safetensors")
     assert _post(port, "linked", inside) == reply  # a missing target: the same
@@ -655,7 +660,8 @@ def test_the_listing_is_for_this_machine_not_for_web_pages(server):
     import urllib.request
 
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/adapters", headers={"Origin": "http://evil.example"}
+        f"http://127.0.0.1:{port}/v1/adapters",
+        headers={"Origin": "http://evil.example"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.headers.get("Access-Control-Allow-Origin") is None
@@ -704,12 +710,25 @@ def test_patterns_that_are_slow_together_are_cut_off(adapters, mixed_model, tmp_
     peft = tmp_path / "slow"
     assert export([str(adapters["a"]), "--peft", str(peft)]) == 0
     config = json.loads((peft / "adapter_config.json").read_text())
-    slow = "(?P<a>.*)(?P<b>.*)(?P<c>.*)(?P<d>.*)(?P<e>.*)(?P=e)(?P=d)(?P=c)(?P=b)(?P=a)j"
+    slow = (
+        "(?P<a>.*)(?P<b>.*)(?P<c>.*)(?P<d>.*)(?P<e>.*)(?P=e)(?P=d)(?P=c)(?P=b)(?P=a)j"
+    )
     config["rank_pattern"] = {
-        **{f"{slow}(?#{i})": 4 for i in range(200)}, **config["rank_pattern"]
+        **{f"{slow}(?#{i})": 4 for i in range(200)},
+        **config["rank_pattern"],
     }
     (peft / "adapter_config.json").write_text(json.dumps(config))
     tic = time.monotonic()
     with pytest.raises(OptiqError, match="patterns take over 2 s to match"):
         mlx_lm.load(str(mixed_model), adapter_path=str(peft))
     assert time.monotonic() - tic < 10
+
+
+def test_without_model_the_first_adapters_record_names_the_base(mixed_model, adapters):
+    proc, client, _ = start_server(None, adapters)
+    try:
+        assert complete(client, "a") == expected_outputs(mixed_model, adapters)["a"][0]
+    finally:
+        proc.terminate()
+        log, _ = proc.communicate(timeout=30)
+    assert f"serving base model {mixed_model} (from adapter a's record)" in log
