@@ -16,6 +16,8 @@
 #         bash benchmarks/device.sh start smollm2 bash benchmarks/device.sh study-smollm2
 #         bash benchmarks/device.sh start qwen bash benchmarks/device.sh study-qwen
 #         bash benchmarks/device.sh start step bash benchmarks/device.sh study-step
+#         bash benchmarks/device.sh start sens bash benchmarks/device.sh study-sensitivity
+#           (needs MLX and SmolLM2 only: setup's A without the Qwen slices)
 #           (needs only MLX: ../shared/tools/mlx-cuda-parts.sh's .dev/a, then
 #            . .dev/b/install.sh in the call that starts it)
 set -euo pipefail
@@ -119,6 +121,16 @@ study-step)
         --out $W/results/layer_speed_8B.json
     python3 benchmarks/step_speed.py --plans speed,memory --sizes 1B,8B,3B \
         --budget-seconds "${BUDGET:-1020}" --out $W/results/step_speed.json
+    ;;
+study-sensitivity)
+    # the sensitivity pass from cached block inputs against whole-model trials,
+    # SmolLM2 in bf16: the benchmark's default rows, then the command's defaults
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    mkdir -p $W/results
+    python3 benchmarks/sensitivity_speed.py --model $W/smollm2 --data $W/A/gsm8k \
+        --out $W/results/sensitivity_speed_h200.json
+    python3 benchmarks/sensitivity_speed.py --model $W/smollm2 --data $W/A/gsm8k \
+        --samples 16 --max-seq-length 128 --out $W/results/sensitivity_speed_h200_16x128.json
     ;;
 collect)
     mkdir -p "$OUT"

@@ -1,10 +1,11 @@
-"""Pictures of the last results: ``quality.png`` and ``ceiling.png``.
+"""Pictures of the last results: ``quality.png``, ``ceiling.png``, ``sensitivity_speed.png``.
 
     pip install matplotlib
     python benchmarks/plot.py [--results benchmarks/results]
 
 Reads ``quality.json`` and ``ceiling.json`` (plus any ``ceiling_refine_*.json``,
-single-length measurements of the same setup) and writes the PNGs beside them.
+single-length measurements of the same setup) and ``sensitivity_speed*.json``,
+and writes the PNGs beside them.
 """
 
 import argparse
@@ -85,6 +86,33 @@ def ceiling_plot(results, out):
     plt.close(fig)
 
 
+def sensitivity_plot(docs, out):
+    """Seconds per trial, whole-model trials against cached block inputs, one
+    pair of bars per run (log scale: CPU and GPU differ by 100x)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3 + 1.8 * len(docs), 4.2))
+    top = max(d["seconds_per_trial"]["before"] for d in docs)
+    for x, doc in enumerate(docs):
+        env = doc["environment"]
+        before, now = doc["seconds_per_trial"]["before"], doc["seconds_per_trial"]["now"]
+        for dx, value, colour, label in ((-0.2, before, "tab:gray", "whole model per trial"),
+                                         (0.2, now, "tab:blue", "from the cached block input")):  # fmt: skip
+            ax.bar(x + dx, value, width=0.38, color=colour, label=label if x == 0 else None)
+        ax.text(x, before * 1.15, f"{before / now:.1f}x", ha="center", fontsize=10)
+    labels = [f"{d['environment'].get('gpu_name') or 'CPU'}\n{d['samples']} x {d['max_seq_length']} tokens"
+              for d in docs]  # fmt: skip
+    ax.set_xticks(range(len(docs)), labels, fontsize=9)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per trial (mean of the timed modules)")
+    ax.set_ylim(top=top * 8)
+    ax.set_title(f"sensitivity on {docs[0]['model']}\n(a trial: one module at one bit-width)", fontsize=10)
+    ax.legend(fontsize=9, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(HERE / "results"))
@@ -96,6 +124,10 @@ def main():
     if (results / "ceiling.json").exists():
         ceiling_plot(results, results / "ceiling.png")
         print(f"wrote {results / 'ceiling.png'}")
+    runs = sorted(results.glob("sensitivity_speed*.json"))
+    if runs:
+        sensitivity_plot([json.loads(p.read_text()) for p in runs], results / "sensitivity_speed.png")  # fmt: skip
+        print(f"wrote {results / 'sensitivity_speed.png'}")
 
 
 if __name__ == "__main__":

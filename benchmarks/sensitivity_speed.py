@@ -6,7 +6,8 @@ bit-width a whole forward pass of the model) and the way it runs them now
 (from the module's own block's cached input, every bit-width stacked into
 one pass). Modules are sampled evenly over the blocks (``--modules-per-kind``
 of each kind, spread over the depth), so the mean time per trial stands for
-the whole pass; the KL values of the two ways are compared.
+the whole pass; one module is run both ways untimed first (on CUDA the first
+use of each kernel compiles it); the KL values of the two ways are compared.
 
     python benchmarks/sensitivity_speed.py --model SMOLLM2 --data GSM8K \\
         [--samples 4] [--max-seq-length 64]
@@ -61,6 +62,9 @@ def main():
     targets = S._block_linears(model)
     picked = sample(targets, args.modules_per_kind, len(model.layers))
     per_trial, kls = {}, {}
+    for cached in (False, True):  # untimed: the first use of each kernel compiles it
+        reference.cached = cached
+        reference.kl(picked[0], [S.quantized(picked[0].module, b, args.group_size) for b in bits])
     for way, cached in (("before", False), ("now", True)):
         reference.cached = cached
         times = []
