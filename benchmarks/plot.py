@@ -94,11 +94,15 @@ def sensitivity_plot(docs, out):
     fig, ax = plt.subplots(figsize=(3 + 1.8 * len(docs), 4.2))
     top = max(d["seconds_per_trial"]["before"] for d in docs)
     for x, doc in enumerate(docs):
-        env = doc["environment"]
-        before, now = doc["seconds_per_trial"]["before"], doc["seconds_per_trial"]["now"]
+        before, now = (
+            doc["seconds_per_trial"]["before"],
+            doc["seconds_per_trial"]["now"],
+        )
         for dx, value, colour, label in ((-0.2, before, "tab:gray", "whole model per trial"),
                                          (0.2, now, "tab:blue", "from the cached block input")):  # fmt: skip
-            ax.bar(x + dx, value, width=0.38, color=colour, label=label if x == 0 else None)
+            ax.bar(
+                x + dx, value, width=0.38, color=colour, label=label if x == 0 else None
+            )
         ax.text(x, before * 1.15, f"{before / now:.1f}x", ha="center", fontsize=10)
     labels = [f"{d['environment'].get('gpu_name') or 'CPU'}\n{d['samples']} x {d['max_seq_length']} tokens"
               for d in docs]  # fmt: skip
@@ -106,7 +110,10 @@ def sensitivity_plot(docs, out):
     ax.set_yscale("log")
     ax.set_ylabel("seconds per trial (mean of the timed modules)")
     ax.set_ylim(top=top * 8)
-    ax.set_title(f"sensitivity on {docs[0]['model']}\n(a trial: one module at one bit-width)", fontsize=10)
+    ax.set_title(
+        f"sensitivity on {docs[0]['model']}\n(a trial: one module at one bit-width)",
+        fontsize=10,
+    )
     ax.legend(fontsize=9, loc="upper right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

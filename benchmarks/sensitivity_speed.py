@@ -31,8 +31,12 @@ def sample(targets, per_kind, blocks):
     """``per_kind`` modules of each kind, their blocks spread over the depth."""
     picked = []
     for kind in sorted({t.path.rsplit(".", 1)[-1] for t in targets}):
-        wanted = {round(i * (blocks - 1) / max(per_kind - 1, 1)) for i in range(per_kind)}
-        picked += [t for t in targets if t.path.endswith("." + kind) and t.block in wanted]
+        wanted = {
+            round(i * (blocks - 1) / max(per_kind - 1, 1)) for i in range(per_kind)
+        }
+        picked += [
+            t for t in targets if t.path.endswith("." + kind) and t.block in wanted
+        ]
     return picked
 
 
@@ -45,26 +49,33 @@ def main():
     parser.add_argument("--bits", default="4,8")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--modules-per-kind", type=int, default=3)
-    parser.add_argument("--out", default=str(HERE / "results" / "sensitivity_speed.json"))
+    parser.add_argument(
+        "--out", default=str(HERE / "results" / "sensitivity_speed.json")
+    )
     args = parser.parse_args()
 
     import mlx_lm
 
+    from mlx_lm_optiq import measuring as M
     from mlx_lm_optiq import sensitivity as S
 
     bits = [int(b) for b in args.bits.split(",")]
     model, tokenizer = mlx_lm.load(args.model)
-    sequences = S.token_sequences(tokenizer, args.data, args.samples, args.max_seq_length)
-    batches = list(S._batches(sequences, 8))
+    sequences = M.token_sequences(
+        tokenizer, args.data, args.samples, args.max_seq_length
+    )
+    batches = list(M.batches(sequences, 8))
     tic = time.perf_counter()
     reference = S.Reference(model, batches, 4e9)
     reference_seconds = time.perf_counter() - tic
-    targets = S._block_linears(model)
+    targets = M.block_targets(model)
     picked = sample(targets, args.modules_per_kind, len(model.layers))
     per_trial, kls = {}, {}
     for cached in (False, True):  # untimed: the first use of each kernel compiles it
         reference.cached = cached
-        reference.kl(picked[0], [S.quantized(picked[0].module, b, args.group_size) for b in bits])
+        reference.kl(
+            picked[0], [S.quantized(picked[0].module, b, args.group_size) for b in bits]
+        )
     for way, cached in (("before", False), ("now", True)):
         reference.cached = cached
         times = []

@@ -129,6 +129,8 @@ def to_sidecar(record: AdapterRecord) -> dict:
                 "bits_source": m.facts.bits_source,
                 "kl": m.facts.kl,
                 "kl_source": m.facts.kl_source,
+                "grad": m.facts.grad,
+                "grad_source": m.facts.grad_source,
             }
             for path, m in record.modules.items()
         },
@@ -172,6 +174,8 @@ _MODULE_FIELDS = {
     "bits_source": ("a source name", _optional(_text)),
     "kl": ("a finite number", _optional(is_finite)),
     "kl_source": ("a source name", _optional(_text)),
+    "grad": ("a finite number", _optional(is_finite)),
+    "grad_source": ("a source name", _optional(_text)),
 }
 
 
@@ -207,6 +211,8 @@ def from_sidecar(doc: dict, source: Optional[Path] = None) -> AdapterRecord:
                 entry.get("bits_source"),
                 entry.get("kl"),
                 entry.get("kl_source"),
+                entry.get("grad"),
+                entry.get("grad_source"),
             )
             modules[path] = ModuleRecord(entry["rank"], unit, facts)
     files = {}

@@ -25,6 +25,7 @@ def optiq_register_metadata_readers(register):
     for name in (metadata.OPTIQ_METADATA, metadata.LEGACY_OPTIQ_METADATA):
         register(name, functools.partial(metadata.read_optiq_metadata, name=name))
     register(metadata.SENSITIVITY, metadata.read_sensitivity)
+    register(metadata.GRADIENT, metadata.read_gradient)
     register(metadata.MODEL_CONFIG, metadata.read_config_quantization)
 
 

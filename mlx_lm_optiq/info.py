@@ -40,7 +40,8 @@ def _layer_sort_key(path):
 
 def _facts(module):
     f = module.facts
-    return {"bits": f.bits, "bits_source": f.bits_source, "kl": f.kl, "kl_source": f.kl_source}  # fmt: skip
+    return {"bits": f.bits, "bits_source": f.bits_source, "kl": f.kl, "kl_source": f.kl_source,
+            "grad": f.grad, "grad_source": f.grad_source}  # fmt: skip
 
 
 def as_dict(record: AdapterRecord) -> dict:

@@ -31,6 +31,8 @@ WRAPPER_PREFIXES = ("model", "language_model", "backbone", "transformer")
 OPTIQ_METADATA = "optiq/metadata.json"
 LEGACY_OPTIQ_METADATA = "optiq_metadata.json"
 SENSITIVITY = "optiq/sensitivity.json"
+GRADIENT = "optiq/gradient.json"
+GRADIENT_VECTORS = "optiq/gradient.safetensors"
 MODEL_CONFIG = "config.json"
 LIVE_MODEL = "model"
 
@@ -54,6 +56,7 @@ class Source:
     bits: Dict[str, int] = field(default_factory=dict)
     kl: Dict[str, float] = field(default_factory=dict)
     sha256: Optional[str] = None
+    grad: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +65,8 @@ class ModuleFacts:
     bits_source: Optional[str]
     kl: Optional[float] = None
     kl_source: Optional[str] = None
+    grad: Optional[float] = None  # gradient importance, mean |W * G|
+    grad_source: Optional[str] = None
 
 
 def _load_json(path: Path):
@@ -149,6 +154,24 @@ def read_sensitivity(path: Path) -> Source:
     return source
 
 
+def read_gradient(path: Path) -> Source:
+    """``optiq/gradient.json`` (:mod:`mlx_lm_optiq.gradient`): each module's
+    gradient importance."""
+    data, sha = _load_json(path)
+    modules = data.get("modules") if isinstance(data, dict) else None
+    if not isinstance(modules, dict):
+        raise OptiqError("no 'modules' object", path)
+    source = Source(GRADIENT, path, sha256=sha)
+    for key, entry in modules.items():
+        value = entry.get("importance") if isinstance(entry, dict) else None
+        if not is_finite(value) or value < 0:
+            raise OptiqError(
+                f"{key}: 'importance' must be a finite number >= 0, got {value!r}", path
+            )
+        source.grad[canonical(key)] = float(value)
+    return source
+
+
 def read_config_quantization(path: Path) -> Optional[Source]:
     data, sha = _load_json(path)
     quant = data.get("quantization") if isinstance(data, dict) else None
@@ -213,7 +236,7 @@ def module_facts(targets, all_paths, sources, report=print) -> Dict[str, ModuleF
     known = {canonical(p) for p in all_paths}
     wanted = {canonical(p): p for p, _ in targets}
     for source in sources:
-        keys = set(source.bits) | set(source.kl)
+        keys = set(source.bits) | set(source.kl) | set(source.grad)
         stray = keys - known
         if stray:
             report(
@@ -242,6 +265,8 @@ def module_facts(targets, all_paths, sources, report=print) -> Dict[str, ModuleF
                 fact.bits, fact.bits_source = source.bits[key], source.name
             if fact.kl is None and key in source.kl:
                 fact.kl, fact.kl_source = source.kl[key], source.name
+            if fact.grad is None and key in source.grad:
+                fact.grad, fact.grad_source = source.grad[key], source.name
         if fact.bits is None and (live_bits is not None or any_quantized):
             fact.bits, fact.bits_source = live_bits or 16, LIVE_MODEL
         elif live_bits is not None and fact.bits != live_bits:

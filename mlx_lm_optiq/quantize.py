@@ -201,7 +201,7 @@ def quantize(args: argparse.Namespace) -> Path:
     import mlx_lm
     from mlx_lm.utils import quantize_model, save
 
-    from .sensitivity import block_linears
+    from .measuring import block_linears
 
     model_path = resolve_model_dir(args.model) or Path(args.model)
     sensitivity = _sensitivity_file(args, model_path)

@@ -7,7 +7,9 @@ Policies (base rank ``r``; a module's rank is 0 or at least :data:`MIN_RANK`):
 - ``by_kl``: ``ceil(r * clip(kl / median_kl, 0.5, 2))``, the median over the
   adapted modules; without any KL it falls back to ``by_bits``;
 - ``allocate``: spends the budget over the adapted modules by measured KL
-  (:func:`allocate`), leaving the least sensitive out when it is tight.
+  (:func:`allocate`), leaving the least sensitive out when it is tight;
+- ``by_grad``: ``r`` times the number of modules, shared in proportion to
+  each module's gradient importance (:func:`by_grad`), rank 0 allowed.
 
 A budget (``--rank-budget``: ``match``, ``default`` or a parameter count)
 then rescales any policy's ranks so the adapter's parameter count is as
@@ -156,11 +158,45 @@ def allocate(context: RankContext) -> Dict[str, int]:
     return ranks
 
 
+def by_grad(context: RankContext) -> Dict[str, int]:
+    """GoRA's allocation: the ranks constant ``r`` would give (``r`` times the
+    number of modules), shared in proportion to each module's gradient
+    importance (``mean |W * G|`` from ``optiq/gradient.json``), each share
+    capped at ``range * r`` (``--rank-range``); a share under
+    :data:`MIN_RANK` leaves the module out (rank 0). Modules without an
+    entry keep ``r``. A budget then rescales the ranks as for any policy.
+    """
+    base_rank, facts = context.base_rank, context.facts
+    known = {p: f.grad for p, f in facts.items() if f.grad is not None}
+    if not known:
+        raise OptiqError(
+            "--rank-scaling by_grad needs each module's gradient importance, and "
+            "there is no optiq/gradient.json: run mlx_lm_optiq.sensitivity MODEL "
+            "--data DATA --signal gradient first"
+        )
+    if len(known) < len(facts):
+        context.report(
+            f"note: {len(facts) - len(known)} adapted modules have no gradient "
+            f"importance; they keep rank {base_rank}"
+        )
+    total, cap = base_rank * len(known), base_rank * context.rank_range
+    spread = sum(known.values())
+    ranks = {}
+    for path in facts:
+        if path not in known or spread <= 0:
+            ranks[path] = base_rank
+            continue
+        share = min(cap, total * known[path] / spread)
+        ranks[path] = 0 if share < MIN_RANK else round(share)
+    return ranks
+
+
 POLICIES: Dict[str, Callable] = {
     "constant": constant,
     "by_bits": by_bits,
     "by_kl": by_kl,
     "allocate": allocate,
+    "by_grad": by_grad,
 }
 
 

@@ -24,13 +24,12 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
-from . import __version__
+from . import __version__, measuring
 from ._cli import add_version, run_command
 from .atomic import atomic_write_json
 from .errors import OptiqError
@@ -40,59 +39,8 @@ METRIC = "kl_divergence_vs_reference"
 GROUP_SIZES = (32, 64, 128)
 
 
-def block_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """``[(module path, module)]`` for every linear layer inside ``model.layers``."""
-    return [(t.path, t.module) for t in _block_linears(model)]
-
-
-class _Target:
-    """A module to measure: its block, its path in the model and in the block."""
-
-    def __init__(self, block, path, inside, module):
-        self.block, self.path, self.inside, self.module = block, path, inside, module
-
-
-def _block_linears(model):
-    paths = {id(m): p for p, m in model.named_modules()}
-    found = []
-    for i, block in enumerate(model.layers):
-        for inside, module in block.named_modules():
-            if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-                found.append(_Target(i, paths[id(module)], inside, module))
-    return found
-
-
-def as_float(module: nn.Module) -> nn.Module:
-    """The module as an ``nn.Linear`` (dequantized if it is quantized)."""
-    if not isinstance(module, nn.QuantizedLinear):
-        return module
-    weight = mx.dequantize(
-        module.weight,
-        module.scales,
-        module.biases,
-        group_size=module.group_size,
-        bits=module.bits,
-        mode=module.mode,
-    )
-    out_dims, in_dims = weight.shape
-    linear = nn.Linear(in_dims, out_dims, bias="bias" in module)
-    linear.weight = weight
-    if "bias" in module:
-        linear.bias = module.bias
-    return linear
-
-
 def quantized(module: nn.Module, bits: int, group_size: int) -> nn.QuantizedLinear:
-    return nn.QuantizedLinear.from_linear(as_float(module), group_size, bits)
-
-
-def _batches(sequences, batch_size):
-    for i in range(0, len(sequences), batch_size):
-        chunk = sequences[i : i + batch_size]
-        length = max(len(s) for s in chunk)
-        tokens = mx.array([s + [0] * (length - len(s)) for s in chunk])
-        mask = mx.array([[1.0] * len(s) + [0.0] * (length - len(s)) for s in chunk])
-        yield tokens, mask
+    return nn.QuantizedLinear.from_linear(measuring.as_float(module), group_size, bits)
 
 
 # -- the reference pass and the trials ------------------------------------------
@@ -110,10 +58,6 @@ class _StandIn:
 
     def __getattr__(self, name):
         return getattr(self._block, name)
-
-
-def _put(block, inside, module):
-    block.update_modules(tree_unflatten([(inside, module)]))
 
 
 class Reference:
@@ -170,7 +114,7 @@ class Reference:
         if not self.cached:
             outs = []
             for version in versions:
-                _put(self.model.layers[target.block], target.inside, version)
+                measuring.put(self.model.layers[target.block], target.inside, version)
                 outs.append(self._run(tokens, {}))
             return mx.concatenate(outs, axis=0)
         block = self.model.layers[target.block]
@@ -180,7 +124,7 @@ class Reference:
         def stacked(x, *args, **kwargs):
             outs = []
             for version in versions:
-                _put(block, target.inside, version)
+                measuring.put(block, target.inside, version)
                 outs.append(block(x, *args, **kwargs))
             return mx.concatenate(outs, axis=0)
 
@@ -205,7 +149,7 @@ class Reference:
                 count += mask.sum().item()
                 mx.eval(totals)
         finally:
-            _put(self.model.layers[target.block], target.inside, target.module)
+            measuring.put(self.model.layers[target.block], target.inside, target.module)
         return [max(t.item() / count, 0.0) for t in totals]
 
     def check(self, target):
@@ -243,49 +187,6 @@ def _leaves(model):
 
 
 # -- data, settings, the file -----------------------------------------------------
-
-
-def token_sequences(
-    tokenizer, data_dir, count: int, max_length: int
-) -> List[List[int]]:
-    """The first ``count`` rows of ``train.jsonl`` (else ``valid.jsonl``) as
-    token lists, through mlx-lm's own dataset classes (text, chat, completions)."""
-    import types
-
-    from mlx_lm.tuner.datasets import create_dataset
-
-    for name in ("train.jsonl", "valid.jsonl"):
-        path = Path(data_dir) / name
-        if path.is_file():
-            break
-    else:
-        raise OptiqError("no train.jsonl or valid.jsonl", data_dir)
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if len(rows) == count:
-                    break
-                if line.strip():
-                    rows.append(json.loads(line))
-    except UnicodeDecodeError as e:
-        raise OptiqError(f"not UTF-8 text ({e})", path) from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise OptiqError(f"line {number}: not a JSON row ({e})", path) from None
-    if not rows:
-        raise OptiqError("no rows", path)
-    try:
-        dataset = create_dataset(rows, tokenizer, types.SimpleNamespace())
-        sequences = []
-        for i in range(len(dataset)):
-            tokens = dataset.process(dataset[i])
-            tokens = tokens[0] if isinstance(tokens, tuple) else tokens
-            sequences.append(list(tokens)[:max_length])
-    except (ValueError, KeyError, TypeError) as e:
-        raise OptiqError(f"rows mlx-lm can't read ({type(e).__name__}: {e})", path) from e  # fmt: skip
-    if not any(len(s) > 1 for s in sequences):
-        raise OptiqError("no row has two tokens or more to measure on", path)
-    return sequences
 
 
 def settings_of(args: argparse.Namespace, sequences, model_path) -> dict:
@@ -336,7 +237,7 @@ def _write(out, settings, layers, complete):
 
 def _layer(path, module, sensitivities, skipped=None):
     """One entry of the ``layers`` list of ``optiq/sensitivity.json``."""
-    in_dims, out_dims = as_float(module).weight.shape[::-1]
+    in_dims, out_dims = measuring.as_float(module).weight.shape[::-1]
     entry = {"layer_name": path, "sensitivities": sensitivities}
     if skipped:
         entry["skipped"] = skipped
@@ -345,7 +246,7 @@ def _layer(path, module, sensitivities, skipped=None):
 
 def unquantizable(module: nn.Module, group_size: int) -> Optional[str]:
     """Why mlx-lm would leave ``module`` unquantized at ``group_size``, or ``None``."""
-    in_dims = as_float(module).weight.shape[-1]
+    in_dims = measuring.as_float(module).weight.shape[-1]
     if in_dims % group_size:
         return f"input dimension {in_dims} is not a multiple of the group size {group_size}"
     return None
@@ -358,26 +259,32 @@ def _names(modules, n=3):
     )
 
 
-def _selected(target, layers, modules):
-    if layers is not None and target.block not in layers:
-        return False
-    return modules is None or target.path.rsplit(".", 1)[-1] in modules
-
-
 # -- the command ------------------------------------------------------------------
 
 
 def measure(args: argparse.Namespace) -> Path:
+    if args.signal == "gradient":
+        from . import gradient
+
+        return gradient.measure(args)
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(args.model)  # a Hugging Face id downloads first
     model_path = resolve_model_dir(args.model) or Path(args.model)
     out = Path(args.output) if args.output else model_path / SENSITIVITY
-    sequences = token_sequences(tokenizer, args.data, args.samples, args.max_seq_length)
+    sequences = measuring.token_sequences(
+        tokenizer, args.data, args.samples, args.max_seq_length
+    )
     settings = settings_of(args, sequences, model_path)
     done = {} if args.restart else _resume(out, settings)
-    layer_set, module_set = _layer_set(args.layers), _module_set(args.modules)
-    targets = [t for t in _block_linears(model) if _selected(t, layer_set, module_set)]
+    layer_set, module_set = measuring.layer_set(args.layers), measuring.module_set(
+        args.modules
+    )
+    targets = [
+        t
+        for t in measuring.block_targets(model)
+        if measuring.selected(t, layer_set, module_set)
+    ]
     if not targets:
         raise OptiqError("--layers and --modules leave no module to measure")
     if any(isinstance(t.module, nn.QuantizedLinear) for t in targets):
@@ -415,7 +322,9 @@ def measure(args: argparse.Namespace) -> Path:
     )
     try:
         reference = Reference(
-            model, list(_batches(sequences, args.batch_size)), args.cache_gb * 1e9
+            model,
+            list(measuring.batches(sequences, args.batch_size)),
+            args.cache_gb * 1e9,
         )
         _write(out, settings, layers, complete=not todo)  # resumable from here on
         order = {t.path: i for i, t in enumerate(targets)}
@@ -460,15 +369,9 @@ def _measure_all(reference, todo, args, out, settings, layers, trials, order):
             each = (time.perf_counter() - tic) / timed
             bar.write(
                 f"sensitivity: {each:.2f} s per trial; about "
-                f"{_duration(each * (trials - timed))} for the other {trials - timed}"
+                f"{measuring.duration(each * (trials - timed))} for the other {trials - timed}"
             )
     bar.close()
-
-
-def _duration(seconds):
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _summary(out, layers, skipped, lowest):
@@ -483,20 +386,6 @@ def _summary(out, layers, skipped, lowest):
             f"(KL {worst['sensitivities'][str(lowest)]:.4g})"
         )
     return line
-
-
-def _layer_set(text):
-    if text is None:
-        return None
-    found = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        found.update(range(int(lo), int(hi or lo) + 1))
-    return found
-
-
-def _module_set(text):
-    return None if text is None else {m.strip() for m in text.split(",")}
 
 
 def _layers_arg(text):
@@ -587,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-gb", type=positive(float), default=4.0,
                         help="memory for the blocks' cached inputs (default 4); past it "
                         "every k-th block's input is kept and trials start there")  # fmt: skip
+    parser.add_argument("--signal", choices=("kl", "gradient"), default="kl",
+                        help="kl (default): the KL of quantizing each module alone; "
+                        "gradient: the gradient of the training loss w.r.t. each "
+                        "module's weight (its norm, importance and top singular "
+                        "vectors, in optiq/gradient.json and gradient.safetensors; "
+                        "--cache-gb then bounds the gradients' memory), for "
+                        "--rank-scaling by_grad")  # fmt: skip
+    parser.add_argument("--signal-rank", type=positive_int, default=32, metavar="K",
+                        help="with --signal gradient: singular vectors kept per "
+                        "module (default 32)")  # fmt: skip
     parser.add_argument(
         "-o", "--output", help="where to write (default MODEL/optiq/sensitivity.json)"
     )

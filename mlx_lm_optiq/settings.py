@@ -52,8 +52,10 @@ class RunSettings:
             "all of that gain. constant: the base rank everywhere (what stock "
             "mlx-lm trains). by_bits: rank * bits / 4, so 8-bit modules get twice "
             "the rank of 4-bit ones. allocate: water-filling of the budget by KL, "
-            "the least sensitive modules left out when it is tight. Plugins add "
-            "others.",
+            "the least sensitive modules left out when it is tight. by_grad: the "
+            "ranks shared by gradient importance from optiq/gradient.json "
+            "(mlx_lm_optiq.sensitivity --signal gradient), rank 0 allowed. "
+            "Plugins add others.",
             choices="policies",
         ),
     )

@@ -37,7 +37,9 @@ def test_the_readmes_use_and_mlx_lm_blocks_run_as_written(tmp_path):
     use = blocks("Use")
     assert [lang for lang, _ in use] == ["bash"]
     run(["bash", "-euo", "pipefail", "-c", fewer_iterations(use[0][1])], cwd=tmp_path)
-    sidecar = json.loads((tmp_path / "my_adapter" / "optiq_lora_config.json").read_text())
+    sidecar = json.loads(
+        (tmp_path / "my_adapter" / "optiq_lora_config.json").read_text()
+    )
     assert sidecar["rank_scaling"] == "by_kl"
     assert (tmp_path / "model" / "optiq" / "sensitivity.json").is_file()
     assert (tmp_path / "ranks.png").stat().st_size > 1000
@@ -58,5 +60,7 @@ def test_the_readmes_use_and_mlx_lm_blocks_run_as_written(tmp_path):
     generated = run([sys.executable, "-c", mlx[2][1]], cwd=tmp_path)
     assert generated.stdout.strip()
     run([sys.executable, "-c", fewer_iterations(mlx[3][1])], cwd=tmp_path)
-    notebook = json.loads((tmp_path / "notebook_adapter" / "optiq_lora_config.json").read_text())
+    notebook = json.loads(
+        (tmp_path / "notebook_adapter" / "optiq_lora_config.json").read_text()
+    )
     assert notebook["modules"] == sidecar["modules"]
