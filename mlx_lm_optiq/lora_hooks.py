@@ -117,6 +117,18 @@ def mlx_lm_lora_training_functions(args, model):
     return train_step.training_functions(run, model, _report)
 
 
+@hookimpl
+@asked_by_name
+def mlx_lm_lora_optimizer(args, model, optimizer):
+    ratio = run_settings(args).lora_plus_ratio
+    if ratio is None or ratio == 1:
+        return None
+    _report(
+        f"LoRA+: every lora_b update {ratio:g}x mlx-lm's ({type(optimizer).__name__})"
+    )
+    return train_step.lora_plus(optimizer, ratio)
+
+
 @hookimpl(wrapper=True)
 def mlx_lm_lora_adapter_saved(args, model, adapter_path):
     """Complete the staged adapter, let other plugins act on it, then move it

@@ -71,6 +71,22 @@ def mlx_lm_lora_training_functions(args, model):
     """
 
 
+@hookspec(firstresult=True)
+def mlx_lm_lora_optimizer(args, model, optimizer):
+    """Choose the optimizer training steps with.
+
+    Called once per training run, after mlx-lm built its optimizer and
+    before training starts. Return an optimizer (e.g. the same one with
+    per-parameter learning rates), or ``None`` to keep mlx-lm's. Stops at
+    the first non-None result.
+
+    :param args: the ``mlx_lm.lora`` arguments.
+    :param model: the model, its LoRA layers in place.
+    :param optimizer: the optimizer mlx-lm built (``mlx.optimizers``).
+    :returns: an optimizer or ``None``.
+    """
+
+
 @hookspec
 def mlx_lm_lora_training_failed(args, model, error):
     """Act when training stopped with an exception (Ctrl-C's

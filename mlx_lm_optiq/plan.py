@@ -19,7 +19,13 @@ from .layout import CONFIG
 from .settings import RunSettings
 
 # what the sidecar records of how the run trained, as asked
-STEP_SETTINGS = ("base_compute", "align_inputs", "loss_chunk", "lora_compute")
+STEP_SETTINGS = (
+    "base_compute",
+    "align_inputs",
+    "loss_chunk",
+    "lora_compute",
+    "lora_plus_ratio",
+)
 
 
 def is_main_process() -> bool:

@@ -130,6 +130,16 @@ class RunSettings:
             choices=LORA_COMPUTE,
         ),
     )
+    lora_plus_ratio: Optional[float] = field(
+        default=None,
+        metadata=_option(
+            "LoRA+: every lora_b update R times as large as mlx-lm's optimizer "
+            "makes it, so B's learning rate is R times A's (the LoRA+ paper: "
+            "4-16); the schedule, optimizer and checkpoints stay mlx-lm's. "
+            "Default: off (1)",
+            metavar="R",
+        ),
+    )
     # which options the run named; none: stock mlx-lm
     given: FrozenSet[str] = field(default=frozenset(), metadata={"option": False})
     policies: InitVar[Sequence[str]] = ()
@@ -164,6 +174,8 @@ class RunSettings:
                 f"--lora-compute {self.lora_compute!r}: choose one of "
                 f"{', '.join(LORA_COMPUTE)}"
             )
+        if self.lora_plus_ratio is not None:
+            check("lora_plus_ratio", _positive)
         check("align_inputs", _switch_or_count)
         check("loss_chunk", _switch_or_count)
         self.budget = "free"
@@ -222,11 +234,23 @@ def _positive_whole(value):
     return value
 
 
-def _at_least_one(value):
+def _number(value):
+    """A number from the command line (text) or YAML; None if it is none."""
     try:
-        number = float(value) if isinstance(value, str) else value
+        return float(value) if isinstance(value, str) else value
     except ValueError:
-        number = None
+        return None
+
+
+def _positive(value):
+    number = _number(value)
+    if not is_finite(number) or number <= 0:
+        raise OptiqError("must be a positive number")
+    return float(number)
+
+
+def _at_least_one(value):
+    number = _number(value)
     if not is_finite(number) or number < 1:
         raise OptiqError("must be a number >= 1")
     return float(number)

@@ -330,8 +330,17 @@ def _with_training_functions(original, *args, **kwargs):
 
 
 def _train(original, *args, **kwargs):
-    """``train`` as ``train_model`` calls it: the plugin's training functions,
-    and the failure hook if it raises."""
+    """``train`` as ``train_model`` calls it: the plugin's optimizer and
+    training functions, and the failure hook if it raises."""
+    current = _current_run.get()
+    if current is not None and "optimizer" in kwargs:  # as train_model calls it
+        run_args, model = current
+        kwargs["optimizer"] = (
+            _hook().mlx_lm_lora_optimizer(
+                args=run_args, model=model, optimizer=kwargs["optimizer"]
+            )
+            or kwargs["optimizer"]
+        )
     try:
         return _with_training_functions(original, *args, **kwargs)
     except BaseException as error:  # Ctrl-C too: the run's files are left somewhere

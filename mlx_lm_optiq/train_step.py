@@ -333,6 +333,32 @@ def lora_in_input_dtype(model: nn.Module) -> int:
     return changed
 
 
+def lora_plus(optimizer, ratio: float):
+    """``optimizer`` with every ``lora_b`` update ``ratio`` times as large:
+    B's learning rate ``ratio`` times A's (LoRA+), whatever the optimizer,
+    its schedule and weight decay (each is part of the update that grows).
+
+    Only this instance's ``apply_gradients`` changes; its state, schedule
+    and ``update`` are mlx-lm's, so a compiled step traces it as usual.
+    """
+    from mlx.utils import tree_map_with_path
+
+    step = optimizer.apply_gradients
+
+    def apply_gradients(gradients, parameters):
+        updated = step(gradients, parameters)
+        return tree_map_with_path(
+            lambda path, new, old: (
+                old + ratio * (new - old) if path.endswith("lora_b") else new
+            ),
+            updated,
+            parameters,
+        )
+
+    optimizer.apply_gradients = apply_gradients
+    return optimizer
+
+
 def training_functions(settings: RunSettings, model, report=print) -> dict:
     """The ``loss`` and ``iterate_batches`` a run of the plugin trains with.
 

@@ -300,3 +300,31 @@ def test_bad_settings_stop_before_the_model_loads(
     assert proc.stderr.startswith("mlx_lm.lora: error: ")
     assert "Loading pretrained model" not in proc.stdout + proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_lora_plus_makes_every_lora_b_step_ratio_times_larger(
+    cli, mixed_model, data_dir, tmp_path
+):
+    """After one step from B = 0, A's gradient is zero and B's update is all
+    there is: with --lora-plus-ratio 4 it is exactly 4 times mlx-lm's."""
+    one_step = ["--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--iters", "1",
+                "--rank-scaling", "constant", "--rank", "4"]  # fmt: skip
+    cli.lora(*one_step, "--adapter-path", tmp_path / "stock")
+    proc = cli.lora(
+        *one_step, "--lora-plus-ratio", "4", "--adapter-path", tmp_path / "plus"
+    )
+    assert "LoRA+: every lora_b update 4x mlx-lm's (Adam)" in proc.stdout
+    stock = mx.load(str(tmp_path / "stock" / "adapters.safetensors"))
+    plus = mx.load(str(tmp_path / "plus" / "adapters.safetensors"))
+    assert stock.keys() == plus.keys()
+    for name in stock:
+        factor = 4.0 if name.endswith("lora_b") else 1.0
+        assert mx.abs(stock[name]).max().item() > 0, name
+        assert mx.allclose(plus[name], factor * stock[name], rtol=1e-5, atol=1e-8), name
+    sidecar = read_json(tmp_path / "plus" / "optiq_lora_config.json")
+    assert sidecar["settings"]["lora_plus_ratio"] == 4.0
+
+    bad = cli.lora(*one_step, "--lora-plus-ratio", "0", "--adapter-path", tmp_path / "x",
+                   check=False)  # fmt: skip
+    assert bad.returncode == 1 and "--lora-plus-ratio '0': must be a positive number" in bad.stderr  # fmt: skip
+    assert "Loading pretrained model" not in bad.stdout

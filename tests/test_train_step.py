@@ -272,3 +272,32 @@ def test_lora_compute_through_the_cli(fp_model, data_dir, tmp_path):
     for name in ours:
         assert ours[name].dtype == mx.float32
         assert mx.allclose(ours[name], theirs[name], atol=1e-5), name
+
+
+def test_lora_plus_keeps_the_schedule_and_weight_decay_of_any_optimizer():
+    """One AdamW step under a cosine schedule: lora_b moves 3x, lora_a and
+    everything else as before, and the schedule is the optimizer's own."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_a = mx.ones((4, 2))
+            self.lora_b = mx.full((2, 3), 0.5)
+
+    grads = {"lora_a": mx.full((4, 2), 0.2), "lora_b": mx.full((2, 3), -0.1)}
+    moved = []
+    for ratio in (None, 3.0):
+        model = Pair()
+        schedule = optim.cosine_decay(1e-2, 10)
+        opt = optim.AdamW(learning_rate=schedule, weight_decay=0.1)
+        if ratio:
+            opt = train_step.lora_plus(opt, ratio)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        moved.append((model.lora_a - 1.0, model.lora_b - 0.5, opt.learning_rate.item()))
+    (a0, b0, lr0), (a3, b3, lr3) = moved
+    assert mx.allclose(a3, a0, rtol=1e-6) and mx.abs(a0).max().item() > 0
+    assert mx.allclose(b3, 3 * b0, rtol=1e-5)
+    assert lr3 == lr0  # the schedule is untouched
