@@ -239,3 +239,46 @@ def measure(args: argparse.Namespace) -> Path:
     print(f"wrote {out} and {vectors.name}: {len(modules)} modules; the most "
           f"important: {top} (mean |W*G| {modules[top]['importance']:.3g})")  # fmt: skip
     return out
+
+
+def init_lora_a(model, model_dir, report=print) -> int:
+    """Set each LoRA layer's ``lora_a`` (``in x r``) from the top ``r`` right
+    singular vectors of its weight's gradient (``optiq/gradient.safetensors``
+    of ``model_dir``), scaled to mlx-lm's initial column norm (``1/sqrt(3)``,
+    that of its uniform draw); ``lora_b`` stays zero, so the model starts
+    as the base. Columns beyond the vectors measured keep mlx-lm's draw.
+    Returns how many layers were set.
+    """
+    from .adapter_read import load_tensors
+    from .metadata import GRADIENT_VECTORS
+
+    path = Path(model_dir) / GRADIENT_VECTORS if model_dir else None
+    if path is None or not path.is_file():
+        raise OptiqError(
+            "--lora-init gradient needs the gradient signal, and there is no "
+            f"{GRADIENT_VECTORS}: run mlx_lm_optiq.sensitivity MODEL --data DATA "
+            "--signal gradient first",
+            path,
+        )
+    vectors = load_tensors(path)
+    layers = [(p, m) for p, m in model.named_modules() if "lora_a" in m and m["lora_a"].ndim == 2]  # fmt: skip
+    missing = [p for p, _ in layers if f"{p}.right" not in vectors]
+    if missing:
+        raise OptiqError(
+            f"no gradient vectors for {len(missing)} adapted modules (e.g. "
+            f"{missing[0]}); measure them with --signal gradient", path
+        )  # fmt: skip
+    for module_path, layer in layers:
+        right = vectors[f"{module_path}.right"]
+        in_dims, rank = layer.lora_a.shape
+        if right.shape[1] != in_dims:
+            raise OptiqError(
+                f"{module_path}: gradient vectors of {right.shape[1]} inputs for a "
+                f"layer of {in_dims}: measured on another model?", path
+            )  # fmt: skip
+        k = min(rank, right.shape[0])
+        top = right[:k].T.astype(layer.lora_a.dtype) / math.sqrt(3)
+        layer.lora_a = mx.concatenate([top, layer.lora_a[:, k:]], axis=1)
+    mx.eval(model.trainable_parameters())
+    report(f"lora_a of {len(layers)} modules from the gradient's top right singular vectors ({path})")  # fmt: skip
+    return len(layers)

@@ -82,6 +82,11 @@ def render(record: AdapterRecord, layers: bool = False) -> str:
         lines.append(
             f"  budget: {record.budget} ({record.budget_parameters:,} parameters)"
         )
+    trained = [f"lora_init {record.settings['lora_init']}"] if record.settings.get("lora_init", "default") != "default" else []  # fmt: skip
+    if record.settings.get("lora_plus_ratio") not in (None, 1, 1.0):
+        trained.append(f"lora_plus_ratio {record.settings['lora_plus_ratio']}")
+    if trained:
+        lines.append(f"  trained with: {', '.join(trained)}")
     described = describe(record.ranks, record.units, record.base_rank)
     lines += ["  " + line for line in described.splitlines()]
     if layers:

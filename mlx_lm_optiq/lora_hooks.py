@@ -21,7 +21,9 @@ from pathlib import Path
 from . import (
     adapter_load,
     adapter_record,
+    gradient,
     lora_layers,
+    metadata,
     plugins,
     ranks,
     settings,
@@ -119,8 +121,14 @@ def mlx_lm_lora_training_functions(args, model):
 
 @hookimpl
 @asked_by_name
-def mlx_lm_lora_optimizer(args, model, optimizer):
-    ratio = run_settings(args).lora_plus_ratio
+def mlx_lm_lora_training_start(args, model, optimizer):
+    run = run_settings(args)
+    if run.lora_init == "gradient":
+        if getattr(args, "resume_adapter_file", None):
+            _report("--lora-init gradient: resuming, so lora_a is the resume file's")
+        else:
+            gradient.init_lora_a(model, metadata.resolve_model_dir(args.model), _report)
+    ratio = run.lora_plus_ratio
     if ratio is None or ratio == 1:
         return None
     _report(

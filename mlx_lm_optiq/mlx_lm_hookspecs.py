@@ -72,13 +72,14 @@ def mlx_lm_lora_training_functions(args, model):
 
 
 @hookspec(firstresult=True)
-def mlx_lm_lora_optimizer(args, model, optimizer):
-    """Choose the optimizer training steps with.
+def mlx_lm_lora_training_start(args, model, optimizer):
+    """Act just before training starts, and choose the optimizer it steps with.
 
-    Called once per training run, after mlx-lm built its optimizer and
-    before training starts. Return an optimizer (e.g. the same one with
-    per-parameter learning rates), or ``None`` to keep mlx-lm's. Stops at
-    the first non-None result.
+    Called once per training run, with the LoRA layers in place (and a
+    ``--resume-adapter-file`` loaded) and mlx-lm's optimizer built. A plugin
+    may set the trainable weights' initial values here; return an optimizer
+    (e.g. the same one with per-parameter learning rates), or ``None`` to
+    keep mlx-lm's. Stops at the first non-None result.
 
     :param args: the ``mlx_lm.lora`` arguments.
     :param model: the model, its LoRA layers in place.

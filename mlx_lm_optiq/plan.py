@@ -24,6 +24,7 @@ STEP_SETTINGS = (
     "align_inputs",
     "loss_chunk",
     "lora_compute",
+    "lora_init",
     "lora_plus_ratio",
 )
 

@@ -22,6 +22,7 @@ from .errors import OptiqError
 
 BASE_COMPUTE = ("quantized", "dequantized", "auto")
 LORA_COMPUTE = ("auto", "float32", "input")
+LORA_INIT = ("default", "gradient")
 BUDGET_WORDS = ("free", "match", "default")
 DEFAULT_ALIGNMENT = 128
 
@@ -130,6 +131,17 @@ class RunSettings:
             choices=LORA_COMPUTE,
         ),
     )
+    lora_init: str = field(
+        default="default",
+        metadata=_option(
+            "default: mlx-lm's (lora_a random, lora_b zero); gradient: each "
+            "module's lora_a from the top right singular vectors of its weight's "
+            "gradient (mlx_lm_optiq.sensitivity --signal gradient), lora_b zero, "
+            "so the model starts as the base and the first steps follow the full "
+            "gradient's main directions; the base weights are not changed",
+            choices=LORA_INIT,
+        ),
+    )
     lora_plus_ratio: Optional[float] = field(
         default=None,
         metadata=_option(
@@ -173,6 +185,10 @@ class RunSettings:
             problems.append(
                 f"--lora-compute {self.lora_compute!r}: choose one of "
                 f"{', '.join(LORA_COMPUTE)}"
+            )
+        if self.lora_init not in LORA_INIT:
+            problems.append(
+                f"--lora-init {self.lora_init!r}: choose one of {', '.join(LORA_INIT)}"
             )
         if self.lora_plus_ratio is not None:
             check("lora_plus_ratio", _positive)

@@ -336,7 +336,7 @@ def _train(original, *args, **kwargs):
     if current is not None and "optimizer" in kwargs:  # as train_model calls it
         run_args, model = current
         kwargs["optimizer"] = (
-            _hook().mlx_lm_lora_optimizer(
+            _hook().mlx_lm_lora_training_start(
                 args=run_args, model=model, optimizer=kwargs["optimizer"]
             )
             or kwargs["optimizer"]

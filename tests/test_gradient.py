@@ -161,3 +161,58 @@ def test_top_right_singular_matches_numpy_on_both_shapes():
         assert np.abs((np.array(right) * vt[:5]).sum(axis=1)).min() > 0.9999
         peaks = np.array(right)[np.arange(5), np.abs(np.array(right)).argmax(axis=1)]
         assert (peaks > 0).all()
+
+
+def test_lora_init_gradient_starts_lora_a_on_the_top_directions(
+    fp_signal, data_dir, tmp_path
+):
+    start = tmp_path / "start"
+    proc = lora(
+        "--model", fp_signal, "--data", data_dir, *TRAIN_ARGS, "--iters", "1",
+        "--learning-rate", "0", "--num-layers", "-1", "--rank-scaling", "constant",
+        "--lora-init", "gradient", "--adapter-path", start,
+    )  # fmt: skip
+    assert "lora_a of 28 modules from the gradient's top right singular vectors" in proc.stdout  # fmt: skip
+    right = load_tensors(fp_signal / "optiq" / "gradient.safetensors")
+    saved = mx.load(str(start / "adapters.safetensors"))
+    for path in tiny_model.linear_dims(fp_signal):
+        expected = right[f"{path}.right"][:8].T / np.sqrt(3)
+        assert mx.allclose(saved[f"{path}.lora_a"], expected, atol=1e-6), path
+        assert mx.abs(saved[f"{path}.lora_b"]).max().item() == 0  # starts as the base
+    assert read_json(start / "optiq_lora_config.json")["settings"]["lora_init"] == "gradient"  # fmt: skip
+
+    # trained on, it is an ordinary adapter: mlx-lm, PEFT, serve, info
+    adapter = tmp_path / "a"
+    lora(
+        "--model", fp_signal, "--data", data_dir, *TRAIN_ARGS, "--num-layers", "-1",
+        "--rank-scaling", "by_grad", "--lora-init", "gradient", "--lora-plus-ratio", "4",
+        "--adapter-path", adapter,
+    )  # fmt: skip
+    info = run([BIN / "mlx_lm_optiq.info", adapter]).stdout
+    assert "trained with: lora_init gradient, lora_plus_ratio 4.0" in info
+    model = mlx_lm.load(str(fp_signal), adapter_path=str(adapter))[0]
+    expected = mlx_logits(model)
+    hf_dir = to_transformers(fp_signal, tmp_path / "hf")
+    peft_model = peft.PeftModel.from_pretrained(hf_base(hf_dir), str(adapter)).eval()
+    assert np.abs(hf_logits(peft_model) - expected).max() <= 1e-4
+    from test_serve import complete, expected_outputs, start_server
+
+    proc, client, _ = start_server(fp_signal, {"g": adapter})
+    try:
+        expected = expected_outputs(fp_signal, {"g": adapter})
+        assert expected["g"][0] != expected[None][0]  # the adapter changes answers
+        assert complete(client, "g") == expected["g"][0]
+        assert complete(client, None) == expected[None][0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_lora_init_gradient_without_the_signal_says_how_to_get_it(
+    mixed_model, data_dir, tmp_path
+):
+    proc = lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--lora-init", "gradient",
+        "--adapter-path", tmp_path / "a", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "--signal gradient first" in proc.stderr

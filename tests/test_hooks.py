@@ -24,7 +24,7 @@ def test_there_are_eleven_hooks():
         "mlx_lm_lora_adapter_saved",
         "mlx_lm_lora_add_arguments",
         "mlx_lm_lora_configure",
-        "mlx_lm_lora_optimizer",
+        "mlx_lm_lora_training_start",
         "mlx_lm_lora_parameters",
         "mlx_lm_lora_training_failed",
         "mlx_lm_lora_training_functions",
@@ -44,7 +44,7 @@ TESTED_BY = {
     "mlx_lm_lora_training_functions": "test_shim.py::test_training_functions_reach_train_and_evaluate",
     "mlx_lm_lora_training_failed": "test_trust.py::test_a_full_disk_mid_training_is_one_line_and_frees_the_space",
     "mlx_lm_lora_parameters": "test_shim.py::test_hooks_pass_through_when_nothing_is_asked",
-    "mlx_lm_lora_optimizer": "test_cli.py::test_lora_plus_makes_every_lora_b_step_ratio_times_larger",
+    "mlx_lm_lora_training_start": "test_cli.py::test_lora_plus_makes_every_lora_b_step_ratio_times_larger",
     "mlx_lm_lora_adapter_saved": "test_cli.py::test_sidecar_records_every_module",
     "mlx_lm_load_adapters": "test_load.py::test_adapter_without_rank_pattern_loads_from_shapes",
 }
