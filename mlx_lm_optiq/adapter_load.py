@@ -41,10 +41,12 @@ def load_adapter(model: nn.Module, adapter_dir) -> Optional[nn.Module]:
     use_dora = fine_tune_type == "dora"
     targets = shim.conversion_targets(model, config["num_layers"], lora, use_dora)
     expected = lora_layers.expected_tensors(targets, lora, pattern, use_dora)
-    stray = sorted(set(pattern or {}) - {p for p, _ in targets})
+    scales = adapter_read.mlx_scale_pattern(lora, config_file)
+    stray = sorted((set(pattern or {}) | set(scales)) - {p for p, _ in targets})
     if stray:
         raise OptiqError(
-            f"rank_pattern names {len(stray)} module(s) that are not adapted (e.g. "
+            f"rank_pattern or scale_pattern names {len(stray)} module(s) that are "
+            "not adapted (e.g. "
             f"{stray[0]}); check num_layers and keys",
             config_file,
         )

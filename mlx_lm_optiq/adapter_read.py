@@ -345,6 +345,15 @@ def check_lora_tensors(modules: dict, source) -> None:
                 )
 
 
+def mlx_scale_pattern(lora: dict, config_file) -> Dict[str, float]:
+    """``lora_parameters.scale_pattern`` (module path -> its LoRA scale), checked."""
+    pattern = _mapping(lora, "scale_pattern", config_file)
+    return {
+        path: _number(scale, f"scale_pattern[{path!r}]", config_file)
+        for path, scale in pattern.items()
+    }
+
+
 def mlx_rank_pattern(config, shapes) -> Optional[Dict[str, int]]:
     """The per-module ranks mlx-lm must build to load an mlx-lm adapter.
 
@@ -488,6 +497,7 @@ def load_modules(adapter_dir) -> Tuple[dict, float]:
     weights_file = adapter_dir / MLX_WEIGHTS
     weights = load_tensors(weights_file)
     scale = _number(lora.get("scale"), "lora_parameters.scale", config_file)
+    scales = mlx_scale_pattern(lora, config_file)
     modules = {}
     for name in weights:
         if not name.endswith((".lora_a", ".lora_b")):
@@ -500,7 +510,8 @@ def load_modules(adapter_dir) -> Tuple[dict, float]:
             other = name[: -len("a")] + "b"
             if other not in weights:
                 raise OptiqError(f"{name} has no {other}", weights_file)
-            modules[name[: -len(".lora_a")]] = (weights[name], weights[other], scale)
+            path = name[: -len(".lora_a")]
+            modules[path] = (weights[name], weights[other], scales.get(path, scale))
     if not modules:
         raise OptiqError("the weights hold no LoRA tensors", weights_file)
     check_lora_tensors(modules, weights_file)

@@ -49,6 +49,7 @@ class ModuleRecord:
     rank: int
     units: int
     facts: ModuleFacts = field(default_factory=lambda: ModuleFacts(None, None))
+    scale: Optional[float] = None  # its own LoRA scale; None: the adapter's
 
 
 @dataclass
@@ -73,6 +74,14 @@ class AdapterRecord:
     @property
     def ranks(self) -> Dict[str, int]:
         return {p: m.rank for p, m in self.modules.items()}
+
+    @property
+    def scales(self) -> Dict[str, Optional[float]]:
+        """Each module's LoRA scale (its own, else the adapter's)."""
+        return {
+            p: self.scale if m.scale is None else m.scale
+            for p, m in self.modules.items()
+        }
 
     @property
     def units(self) -> Dict[str, int]:
@@ -131,6 +140,7 @@ def to_sidecar(record: AdapterRecord) -> dict:
                 "kl_source": m.facts.kl_source,
                 "grad": m.facts.grad,
                 "grad_source": m.facts.grad_source,
+                **({"scale": m.scale} if m.scale is not None else {}),
             }
             for path, m in record.modules.items()
         },
@@ -176,6 +186,7 @@ _MODULE_FIELDS = {
     "kl_source": ("a source name", _optional(_text)),
     "grad": ("a finite number", _optional(is_finite)),
     "grad_source": ("a source name", _optional(_text)),
+    "scale": ("a finite number", _optional(is_finite)),
 }
 
 
@@ -214,7 +225,7 @@ def from_sidecar(doc: dict, source: Optional[Path] = None) -> AdapterRecord:
                 entry.get("grad"),
                 entry.get("grad_source"),
             )
-            modules[path] = ModuleRecord(entry["rank"], unit, facts)
+            modules[path] = ModuleRecord(entry["rank"], unit, facts, entry.get("scale"))
     files = {}
     for i, entry in enumerate(doc.get("metadata_files") or []):
         if not isinstance(entry, dict) or not _text(entry.get("file")):
@@ -273,6 +284,7 @@ def from_adapter_dir(path) -> AdapterRecord:
     ranks, units = _weights(path)
     lora = _config_value(config, "lora_parameters", lambda v: isinstance(v, dict), "an object", config_file) or {}  # fmt: skip
     pattern = _config_value(lora, "rank_pattern", lambda v: isinstance(v, dict), "an object", config_file) or {}  # fmt: skip
+    scales = _config_value(lora, "scale_pattern", lambda v: isinstance(v, dict) and all(map(is_finite, v.values())), "an object of numbers", config_file) or {}  # fmt: skip
 
     if "format" in doc:
         record = from_sidecar(doc, sidecar_file)
@@ -286,7 +298,8 @@ def from_adapter_dir(path) -> AdapterRecord:
     for p in list(ranks) + sorted(left_out - set(ranks)):
         facts = known[p].facts if p in known else ModuleFacts(None, None)
         unit = units[p] if p in ranks else (known[p].units if p in known else 0)
-        modules[p] = ModuleRecord(ranks.get(p, 0), unit, facts)
+        scale = known[p].scale if p in known and known[p].scale is not None else scales.get(p)  # fmt: skip
+        modules[p] = ModuleRecord(ranks.get(p, 0), unit, facts, scale)
     record.modules = modules
     record.path = path
     return record

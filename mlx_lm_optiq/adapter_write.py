@@ -38,15 +38,18 @@ def peft_config(
     scale: float,
     dropout: float = 0.0,
     base_model: Optional[str] = None,
+    scales: Optional[Dict[str, float]] = None,
 ) -> dict:
     """PEFT ``LoraConfig`` keys for per-module ``ranks`` trained with mlx-lm ``scale``.
 
     PEFT scales each module by ``lora_alpha / r`` while mlx-lm multiplies by
     ``scale`` whatever the rank, so the alpha for module ``i`` is
-    ``scale * r_i``. Patterns use exact full module paths, never regexes that
-    could overlap. Modules at rank 0 are left out of ``target_modules``.
+    ``scale_i * r_i`` (``scales``: a module's own scale, else ``scale``).
+    Patterns use exact full module paths, never regexes that could overlap.
+    Modules at rank 0 are left out of ``target_modules``.
     """
     adapted = {p: r for p, r in ranks.items() if r > 0}  # rank 0: not targeted
+    scales = {p: (scales or {}).get(p) or scale for p in adapted}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -58,7 +61,11 @@ def peft_config(
         "fan_in_fan_out": False,
         "target_modules": sorted(adapted),
         "rank_pattern": {p: r for p, r in adapted.items() if r != base_rank},
-        "alpha_pattern": {p: scale * r for p, r in adapted.items() if r != base_rank},
+        "alpha_pattern": {
+            p: scales[p] * r
+            for p, r in adapted.items()
+            if r != base_rank or scales[p] != scale
+        },
     }
 
 
@@ -71,6 +78,7 @@ def peft_config_keys(record) -> dict:
         record.scale,
         record.dropout or 0.0,
         record.base_model,
+        record.scales,
     )
 
 

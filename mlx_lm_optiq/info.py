@@ -69,6 +69,16 @@ def as_dict(record: AdapterRecord) -> dict:
     }
 
 
+def _scale_text(record: AdapterRecord) -> str:
+    """The adapter's scale, and the range of the modules' own where they have one."""
+    own = sorted({m.scale for m in record.modules.values() if m.rank and m.scale is not None})  # fmt: skip
+    if not own:
+        return f"{record.scale}"
+    rule = record.settings.get("lora_scale")
+    return (f"{record.scale} (per module {own[0]:.4g}-{own[-1]:.4g}"
+            + (f", lora_scale {rule})" if rule else ")"))  # fmt: skip
+
+
 def render(record: AdapterRecord, layers: bool = False) -> str:
     """The block ``info`` prints (and, with ``layers``, a per-module table)."""
     lines = [
@@ -76,7 +86,7 @@ def render(record: AdapterRecord, layers: bool = False) -> str:
         f"  base: {record.base_model or 'unknown'}",
         f"  ranks: {rank_span(record.ranks)} per module (base rank {record.base_rank}"
         + (f", scaling: {record.scaling})" if record.scaling else ")"),
-        f"  scale: {record.scale}  dropout: {record.dropout}",
+        f"  scale: {_scale_text(record)}  dropout: {record.dropout}",
     ]
     if record.budget_parameters is not None:
         lines.append(

@@ -25,6 +25,7 @@ STEP_SETTINGS = (
     "loss_chunk",
     "lora_compute",
     "lora_init",
+    "lora_scale",
     "lora_plus_ratio",
 )
 
@@ -110,8 +111,9 @@ def plan_run(
     chosen = _capped(chosen, targets, report)
     if getattr(args, "resume_adapter_file", None):
         check_resume(Path(args.resume_adapter_file), targets, params, chosen, args)
+    scales = ranks.module_scales(chosen, params["rank"], params["scale"], settings.lora_scale)  # fmt: skip
     record = AdapterRecord(
-        modules={p: ModuleRecord(chosen[p], units[p], facts[p]) for p in units},
+        modules={p: ModuleRecord(chosen[p], units[p], facts[p], scales.get(p)) for p in units},  # fmt: skip
         base_rank=params["rank"],
         scale=params["scale"],
         dropout=params.get("dropout", 0.0),
@@ -125,7 +127,7 @@ def plan_run(
         versions=current_versions(),
     )
     _report_plan(record, report)
-    return record, {**params, "rank_pattern": chosen}
+    return record, {**params, "rank_pattern": chosen, **({"scale_pattern": scales} if scales else {})}  # fmt: skip
 
 
 def _targets(settings, args, model, params):

@@ -200,6 +200,24 @@ POLICIES: Dict[str, Callable] = {
 }
 
 
+SCALE_RULES: Dict[str, Callable[[float], float]] = {
+    "per-rank": lambda ratio: ratio,  # scale * r0 / r: the same alpha everywhere
+    "rslora": math.sqrt,  # scale * sqrt(r0 / r)
+}
+
+
+def module_scales(
+    ranks: Mapping[str, int], base_rank: int, scale: float, rule: str
+) -> Dict[str, float]:
+    """``{module path: LoRA scale}`` for the adapted modules under ``rule``
+    (``--lora-scale``): ``fixed`` gives none (mlx-lm's one ``scale``),
+    ``per-rank`` ``scale * r0 / r``, ``rslora`` ``scale * sqrt(r0 / r)``."""
+    if rule == "fixed":
+        return {}
+    follow = SCALE_RULES[rule]
+    return {p: scale * follow(base_rank / r) for p, r in ranks.items() if r > 0}
+
+
 def parameter_count(ranks: Mapping[str, int], units: Mapping[str, int]) -> int:
     """Adapter parameters: the sum of ``rank_i * (in_i + out_i)``."""
     return sum(ranks[p] * units[p] for p in ranks)

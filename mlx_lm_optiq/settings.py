@@ -23,6 +23,7 @@ from .errors import OptiqError
 BASE_COMPUTE = ("quantized", "dequantized", "auto")
 LORA_COMPUTE = ("auto", "float32", "input")
 LORA_INIT = ("default", "gradient")
+LORA_SCALE = ("fixed", "per-rank", "rslora")
 BUDGET_WORDS = ("free", "match", "default")
 DEFAULT_ALIGNMENT = 128
 
@@ -142,6 +143,17 @@ class RunSettings:
             choices=LORA_INIT,
         ),
     )
+    lora_scale: str = field(
+        default="fixed",
+        metadata=_option(
+            "each module's LoRA scale with --rank-scaling. fixed (default): "
+            "mlx-lm's one scale, so more rank also means a larger step; "
+            "per-rank: scale * r0 / r (the same PEFT alpha everywhere); rslora: "
+            "scale * sqrt(r0 / r); r0 is the base rank. Recorded in "
+            "lora_parameters.scale_pattern, the sidecar and PEFT's alpha_pattern",
+            choices=LORA_SCALE,
+        ),
+    )
     lora_plus_ratio: Optional[float] = field(
         default=None,
         metadata=_option(
@@ -190,6 +202,12 @@ class RunSettings:
             problems.append(
                 f"--lora-init {self.lora_init!r}: choose one of {', '.join(LORA_INIT)}"
             )
+        if self.lora_scale not in LORA_SCALE:
+            problems.append(
+                f"--lora-scale {self.lora_scale!r}: choose one of {', '.join(LORA_SCALE)}"
+            )
+        if self.rank_scaling is None and "lora_scale" in self.given:
+            problems.append("--lora-scale needs --rank-scaling")
         if self.lora_plus_ratio is not None:
             check("lora_plus_ratio", _positive)
         check("align_inputs", _switch_or_count)

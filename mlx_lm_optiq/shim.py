@@ -1,6 +1,7 @@
 """The boundary with mlx-lm's training code: the backport of ``patches/``, and the probe.
 
 - patch 0001: ``linear_to_lora_layers`` honours ``lora_parameters["rank_pattern"]``
+  and ``["scale_pattern"]``
   (rank 0 leaves a module as it is);
 - patch 0002: the plugin hook call sites. ``mlx_lm.lora`` calls
   ``mlx_lm_lora_add_arguments`` when it builds its parser,
@@ -215,7 +216,11 @@ def conversion_targets(
     seen = []
     convert = tuner_utils.linear_to_lora_layers
     convert = getattr(convert, "__optiq_original__", convert)
-    params = {k: v for k, v in lora_parameters.items() if k != "rank_pattern"}
+    params = {
+        k: v
+        for k, v in lora_parameters.items()
+        if k not in ("rank_pattern", "scale_pattern")
+    }
     with _lora_classes_replaced(lambda cls: _Probe(seen)):
         convert(model, num_layers, params, use_dora=use_dora)
     return [(paths[id(layer)], layer) for layer in seen]
@@ -232,42 +237,43 @@ class _RankedFactory:
     order, and so the random stream, identical to stock.
     """
 
-    def __init__(self, cls, choose_rank):
+    def __init__(self, cls, choose):
         self.cls = cls
-        self.choose_rank = choose_rank
+        self.choose = choose
 
-    def from_base(self, layer, r=8, **kwargs):
-        rank = self.choose_rank(layer, r)
+    def from_base(self, layer, r=8, scale=20.0, **kwargs):
+        rank, scale = self.choose(layer, r, scale)
         if rank == 0:
             return layer  # left out: stays the frozen base layer
-        return self.cls.from_base(layer, r=rank, **kwargs)
+        return self.cls.from_base(layer, r=rank, scale=scale, **kwargs)
 
 
 def _linear_to_lora_layers(original, model, num_layers, config, use_dora=False):
-    pattern = (config or {}).get("rank_pattern")
-    if not pattern:
+    pattern = (config or {}).get("rank_pattern") or {}
+    scales = (config or {}).get("scale_pattern") or {}
+    if not pattern and not scales:
         return original(model, num_layers, config, use_dora=use_dora)
     by_id = {}
     for path, module in model.named_modules():
-        if path in pattern:
+        if path in pattern or path in scales:
             if hasattr(module, "to_lora"):
                 raise ValueError(
                     f"{path} ({type(module).__name__}) builds its own LoRA layer; "
                     "per-module ranks are not supported for it"
                 )
-            by_id[id(module)] = (path, pattern[path])
+            by_id[id(module)] = path
     used = set()
 
-    def choose_rank(layer, r):
+    def choose(layer, r, scale):
         if id(layer) not in by_id:
-            return r
-        path, rank = by_id[id(layer)]
+            return r, scale
+        path = by_id[id(layer)]
         used.add(path)
-        return rank
+        return pattern.get(path, r), scales.get(path, scale)
 
-    with _lora_classes_replaced(lambda cls: _RankedFactory(cls, choose_rank)):
+    with _lora_classes_replaced(lambda cls: _RankedFactory(cls, choose)):
         result = original(model, num_layers, config, use_dora=use_dora)
-    unused = sorted(set(pattern) - used)
+    unused = sorted((set(pattern) | set(scales)) - used)
     if unused:
         raise ValueError(
             f"rank_pattern names {len(unused)} module(s) that were not converted "

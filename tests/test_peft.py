@@ -356,3 +356,46 @@ def test_left_out_modules_are_not_targeted_and_logits_match(
     }
     assert built == adapted
     assert np.abs(hf_logits(peft_model) - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("rule, factor", [("per-rank", 0.5), ("rslora", 0.5**0.5)])
+def test_lora_scale_follows_rank_everywhere_it_loads(
+    arch_setup, data_dir, tmp_path, rule, factor
+):
+    """--lora-scale: the rank-8 modules train at 20 * factor, the rank-4 ones
+    at 20; mlx-lm, PEFT, the padded export and info all compute with it."""
+    arch, mlx_dir, hf_dir, _ = arch_setup
+    adapter = tmp_path / "a"
+    lora(
+        "--model", mlx_dir, "--data", data_dir, *TRAIN_ARGS, "--learning-rate", "1e-2",
+        "--rank-scaling", "by_bits", "--rank", "4", "--lora-scale", rule,
+        "--adapter-path", adapter,
+    )  # fmt: skip
+    model, _ = mlx_lm.load(str(mlx_dir), adapter_path=str(adapter))
+    layers = {p: m for p, m in model.named_modules() if "lora_a" in m}
+    assert len(layers) == 14
+    for path, layer in layers.items():
+        rank = layer.lora_a.shape[1]
+        assert layer.scale == pytest.approx(20.0 * (factor if rank == 8 else 1.0)), path
+    config = read_json(adapter / "adapter_config.json")
+    for path, layer in layers.items():
+        alpha = config["alpha_pattern"].get(path, config["lora_alpha"])
+        assert alpha == pytest.approx(layer.scale * layer.lora_a.shape[1]), path
+    expected = mlx_logits(model)
+    peft_model = peft.PeftModel.from_pretrained(hf_base(hf_dir), str(adapter)).eval()
+    assert np.abs(hf_logits(peft_model) - expected).max() <= 1e-4
+
+    out = tmp_path / "padded"
+    assert export([str(adapter), "--pad", str(out)]) == 0
+    _startup.uninstall()
+    try:
+        stock, _ = mlx_lm.load(str(mlx_dir), adapter_path=str(out))
+    finally:
+        _startup.install()
+    assert np.abs(mlx_logits(stock) - expected).max() <= 1e-5
+    sidecar = read_json(adapter / "optiq_lora_config.json")
+    assert sidecar["settings"]["lora_scale"] == rule
+    from conftest import BIN, run
+
+    info = run([BIN / "mlx_lm_optiq.info", adapter]).stdout
+    assert f"(per module {20 * factor:.4g}-20, lora_scale {rule})" in info

@@ -732,3 +732,25 @@ def test_without_model_the_first_adapters_record_names_the_base(mixed_model, ada
         proc.terminate()
         log, _ = proc.communicate(timeout=30)
     assert f"serving base model {mixed_model} (from adapter a's record)" in log
+
+
+def test_per_module_scales_serve_as_they_load(mixed_model, data_dir, tmp_path):
+    """An adapter trained with --lora-scale per-rank answers over the server
+    as mlx_lm.load builds it."""
+    from conftest import TRAIN_ARGS, lora
+
+    adapter = tmp_path / "scaled"
+    lora(
+        "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "--learning-rate", "1e-2",
+        "--rank-scaling", "by_bits", "--rank", "4", "--lora-scale", "per-rank",
+        "--adapter-path", adapter,
+    )  # fmt: skip
+    expected = expected_outputs(mixed_model, {"s": adapter})
+    assert expected["s"][0] != expected[None][0]
+    proc, client, _ = start_server(mixed_model, {"s": adapter})
+    try:
+        assert complete(client, "s") == expected["s"][0]
+        assert chat(client, "s") == expected["s"][1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
