@@ -36,7 +36,6 @@ import math
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -75,20 +74,22 @@ def prepare(args, work, bases):
     from mlx_lm_optiq import quantize, sensitivity
 
     sens = work / "sensitivity.json"
-    if not sens.is_file():
-        sensitivity.measure(types.SimpleNamespace(
-            model=args.model, data=args.data, bits=[3, 4, 8], group_size=args.group_size,
-            samples=args.sensitivity_samples, max_seq_length=args.sensitivity_length,
-            batch_size=8, output=str(sens), restart=False,
-        ))  # fmt: skip
+    if not sens.is_file():  # through the commands' own parsers: every default set
+        sensitivity.measure(sensitivity.build_parser().parse_args([
+            str(args.model), "--data", str(args.data), "--bits", "3,4,8",
+            "--group-size", str(args.group_size), "--samples", str(args.sensitivity_samples),
+            "--max-seq-length", str(args.sensitivity_length), "-o", str(sens),
+        ]))  # fmt: skip
     models = {REFERENCE: Path(args.model)}
     for base in bases:
         out = work / base
         if not (out / "config.json").is_file():
-            quantize.quantize(types.SimpleNamespace(
-                model=args.model, output=str(out), sensitivity=str(sens),
-                group_size=args.group_size, **BASES[base],
-            ))  # fmt: skip
+            spec = BASES[base]
+            quantize.quantize(quantize.build_parser().parse_args([
+                str(args.model), "-o", str(out), "--sensitivity", str(sens),
+                "--group-size", str(args.group_size), "--target-bpw", str(spec["target_bpw"]),
+                "--bits", ",".join(map(str, spec["bits"])),
+            ]))  # fmt: skip
         models[base] = out
     return models
 
@@ -240,9 +241,10 @@ def binomial_p(k, n):
     return min(1.0, 2 * tail)
 
 
-def compare_gsm8k(answers, rows):
-    """Exact match per row and, against ``default``, a two-proportion z-test on
-    the pooled answers and an exact McNemar test on seed-paired questions."""
+def compare_gsm8k(answers, rows, against="default"):
+    """Exact match per row and, against row ``against`` (the ``*_vs_default``
+    keys), a two-proportion z-test on the pooled answers and an exact McNemar
+    test on seed-paired questions."""
     out = {}
     for row in rows:
         per_seed = {s: a for (r, s), a in answers.items() if r == row}
@@ -254,11 +256,11 @@ def compare_gsm8k(answers, rows):
             "correct_per_seed": {str(s): sum(a) for s, a in sorted(per_seed.items())},
             "questions": len(next(iter(per_seed.values()))),
         }
-    base = {s: a for (r, s), a in answers.items() if r == "default"}
+    base = {s: a for (r, s), a in answers.items() if r == against}
     for row in out:
         mine = {s: a for (r, s), a in answers.items() if r == row}
         seeds = sorted(set(mine) & set(base))
-        if row == "default" or not seeds:
+        if row == against or not seeds:
             continue
         x1 = sum(sum(mine[s]) for s in seeds)
         x0 = sum(sum(base[s]) for s in seeds)

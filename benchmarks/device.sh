@@ -17,6 +17,8 @@
 #         bash benchmarks/device.sh start qwen bash benchmarks/device.sh study-qwen
 #         bash benchmarks/device.sh start step bash benchmarks/device.sh study-step
 #         bash benchmarks/device.sh start sens bash benchmarks/device.sh study-sensitivity
+#         bash benchmarks/device.sh start signal bash benchmarks/device.sh study-signal-smollm2
+#           (then study-signal-qwen, once signal_smollm2-135m.json is committed)
 #           (needs MLX and SmolLM2 only: setup's A without the Qwen slices)
 #           (needs only MLX: ../shared/tools/mlx-cuda-parts.sh's .dev/a, then
 #            . .dev/b/install.sh in the call that starts it)
@@ -121,6 +123,24 @@ study-step)
         --out $W/results/layer_speed_8B.json
     python3 benchmarks/step_speed.py --plans speed,memory --sizes 1B,8B,3B \
         --budget-seconds "${BUDGET:-1020}" --out $W/results/step_speed.json
+    ;;
+study-signal-smollm2)
+    # issue 25's study, first model: every arm at 3 learning rates, 4 seeds, both
+    # bases; resumable: put an earlier runs.jsonl in $W/signal_work first
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    python3 benchmarks/signal_study.py --model $W/smollm2 --data $W/A/gsm8k \
+        --name smollm2-135m --bases q50,q40 --seeds 4 --jobs "${JOBS:-12}" \
+        --budget-seconds "${BUDGET:-1200}" --work $W/signal_work --out-dir $W/results
+    ;;
+study-signal-qwen)
+    # the second model at each arm's SmolLM2 best: the window, the baseline, the best 3
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    bash "$0" qwen
+    python3 benchmarks/signal_study.py --model $W/qwen --data $W/A/gsm8k \
+        --name qwen2.5-coder-1.5b --bases q50 --arms default,constant_all,best3 \
+        --lrs-from benchmarks/results/signal_smollm2-135m.json --seeds 4 --jobs "${JOBS:-4}" \
+        --sensitivity-samples 16 --gsm8k 219 --budget-seconds "${BUDGET:-1200}" \
+        --work $W/signal_qwen_work --out-dir $W/results
     ;;
 study-sensitivity)
     # the sensitivity pass from cached block inputs against whole-model trials,

@@ -32,3 +32,38 @@ def test_results_name_the_gpu_beside_mlx_device(tmp_path, monkeypatch):
 def test_no_gpu_no_gpu_fields(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert common.gpu() == {}
+
+
+def test_the_signal_study_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """benchmarks/signal_study.py: bases from our own commands, the gradient
+    signal on each, arms at their learning rates, GSM8K-style answers, a JSON
+    with every number (allocation.py's preparation with it)."""
+    import json
+    import random
+
+    import tiny_model
+    from conftest import run
+
+    tiny_model.build_model(tmp_path / "fp", quantize=None, hidden=128, intermediate=256)
+    rng = random.Random(0)
+    (tmp_path / "data").mkdir()
+    for name, n in (("train", 48), ("valid", 8), ("test", 4)):
+        with open(tmp_path / "data" / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                a, b = rng.randint(1, 9), rng.randint(1, 9)
+                f.write(json.dumps({"prompt": f"{a} plus {b}?", "completion": f" #### {a + b}"}) + "\n")  # fmt: skip
+    run([sys.executable, ROOT / "benchmarks" / "signal_study.py", "--model", "fp",
+         "--data", "data", "--name", "tiny", "--work", "w", "--bases", "q50",
+         "--arms", "constant_all,by_grad_all_in", "--lrs", "1e-3,2e-3", "--seeds", "1",
+         "--iters", "4", "--early", "2", "--val-batches", "1", "--batch-size", "2",
+         "--max-seq-length", "48", "--sensitivity-samples", "4", "--sensitivity-length", "32",
+         "--gsm8k", "2", "--max-tokens", "4", "--gsm8k-batch", "2", "--out-dir", "out"],
+        cwd=tmp_path)  # fmt: skip
+    doc = json.loads((tmp_path / "out" / "signal_tiny.json").read_text())
+    assert len(doc["runs"]) == 4 and not doc["failed"] and not doc["not_run"]
+    arm = doc["summary"]["q50/by_grad_all_in"]
+    assert arm["best_lr"] in (1e-3, 2e-3) and set(arm["val_final_by_lr"]) == {"0.001", "0.002"}  # fmt: skip
+    assert "delta_final_percent" in arm and "delta_early_percent" in arm
+    assert doc["gsm8k"]["by_grad_all_in"]["questions"] == 2
+    assert (tmp_path / "w" / "q50" / "optiq" / "gradient.json").is_file()
+    assert (tmp_path / "out" / "signal_tiny.png").stat().st_size > 1000
