@@ -1,5 +1,6 @@
 """The README: its option table is the settings object's options, and the
-blocks of "Use" and "Coming from mlx-lm" run as written on a tiny model."""
+blocks of "Use", "Coming from mlx-lm" and the gradient options run as
+written on a tiny model."""
 
 import json
 import math
@@ -64,3 +65,13 @@ def test_the_readmes_use_and_mlx_lm_blocks_run_as_written(tmp_path):
         (tmp_path / "notebook_adapter" / "optiq_lora_config.json").read_text()
     )
     assert notebook["modules"] == sidecar["modules"]
+
+    grad = blocks("Gradient signal, gradient init, rank-aware scale, LoRA+")
+    assert [lang for lang, _ in grad] == ["bash"]
+    run(["bash", "-euo", "pipefail", "-c", fewer_iterations(grad[0][1])], cwd=tmp_path)
+    record = json.loads(
+        (tmp_path / "grad_adapter" / "optiq_lora_config.json").read_text()
+    )
+    assert record["rank_scaling"] == "by_grad"
+    assert record["settings"]["lora_init"] == "gradient"
+    assert record["settings"]["lora_plus_ratio"] == 16.0

@@ -385,6 +385,11 @@ def test_lora_scale_follows_rank_everywhere_it_loads(
     peft_model = peft.PeftModel.from_pretrained(hf_base(hf_dir), str(adapter)).eval()
     assert np.abs(hf_logits(peft_model) - expected).max() <= 1e-4
 
+    clean = tmp_path / "peft"
+    assert export([str(adapter), "--peft", str(clean)]) == 0
+    peft_model = peft.PeftModel.from_pretrained(hf_base(hf_dir), str(clean)).eval()
+    assert np.abs(hf_logits(peft_model) - expected).max() <= 1e-4
+
     out = tmp_path / "padded"
     assert export([str(adapter), "--pad", str(out)]) == 0
     _startup.uninstall()
