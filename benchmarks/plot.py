@@ -87,34 +87,33 @@ def ceiling_plot(results, out):
 
 
 def sensitivity_plot(docs, out):
-    """Seconds per trial, whole-model trials against cached block inputs, one
-    pair of bars per run (log scale: CPU and GPU differ by 100x)."""
+    """Seconds per trial of each way the pass has run, one group of bars per
+    run (log scale: CPU and GPU differ by 100x)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3 + 1.8 * len(docs), 4.2))
-    top = max(d["seconds_per_trial"]["before"] for d in docs)
+    ways = list(dict.fromkeys(w for d in docs for w in d["seconds_per_trial"]))
+    colours = dict(zip(ways, ["tab:gray", "tab:cyan", "tab:blue", "tab:purple"]))
+    labels = {"before": "whole model per trial", "per module": "a module's bit-widths per pass",
+              "now": "a block's modules per pass, then the head"}  # fmt: skip
+    width = 0.8 / len(ways)
+    fig, ax = plt.subplots(figsize=(3 + 2.2 * len(docs), 4.4))
+    top = max(s for d in docs for s in d["seconds_per_trial"].values())
     for x, doc in enumerate(docs):
-        before, now = (
-            doc["seconds_per_trial"]["before"],
-            doc["seconds_per_trial"]["now"],
-        )
-        for dx, value, colour, label in ((-0.2, before, "tab:gray", "whole model per trial"),
-                                         (0.2, now, "tab:blue", "from the cached block input")):  # fmt: skip
-            ax.bar(
-                x + dx, value, width=0.38, color=colour, label=label if x == 0 else None
-            )
-        ax.text(x, before * 1.15, f"{before / now:.1f}x", ha="center", fontsize=10)
-    labels = [f"{d['environment'].get('gpu_name') or 'CPU'}\n{d['samples']} x {d['max_seq_length']} tokens"
-              for d in docs]  # fmt: skip
-    ax.set_xticks(range(len(docs)), labels, fontsize=9)
+        seconds = doc["seconds_per_trial"]
+        for k, way in enumerate(w for w in ways if w in seconds):
+            ax.bar(x - 0.4 + width * (k + 0.5), seconds[way], width=width * 0.95,
+                   color=colours[way], label=labels.get(way, way) if x == 0 else None)  # fmt: skip
+            if way != "before":
+                ax.text(x - 0.4 + width * (k + 0.5), seconds[way] * 1.15,
+                        f"{seconds['before'] / seconds[way]:.1f}x", ha="center", fontsize=8)  # fmt: skip
+    names = [f"{d['environment'].get('gpu_name') or 'CPU'}\n{d['samples']} x {d['max_seq_length']} tokens"
+             for d in docs]  # fmt: skip
+    ax.set_xticks(range(len(docs)), names, fontsize=9)
     ax.set_yscale("log")
+    ax.set_ylim(top=top * 30)
     ax.set_ylabel("seconds per trial (mean of the timed modules)")
-    ax.set_ylim(top=top * 8)
-    ax.set_title(
-        f"sensitivity on {docs[0]['model']}\n(a trial: one module at one bit-width)",
-        fontsize=10,
-    )
-    ax.legend(fontsize=9, loc="upper right")
+    ax.set_title(f"sensitivity on {docs[0]['model']}\n(a trial: one module at one bit-width)", fontsize=10)  # fmt: skip
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

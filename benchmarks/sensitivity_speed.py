@@ -1,13 +1,15 @@
 """How much faster the sensitivity pass is from cached block inputs, at equal output.
 
-One process, one model: the reference pass once, then the same trials two
-ways, the way ``mlx_lm_optiq.sensitivity`` ran them before (every candidate
-bit-width a whole forward pass of the model) and the way it runs them now
-(from the module's own block's cached input, every bit-width stacked into
-one pass). Modules are sampled evenly over the blocks (``--modules-per-kind``
-of each kind, spread over the depth), so the mean time per trial stands for
-the whole pass; one module is run both ways untimed first (on CUDA the first
-use of each kernel compiles it); the KL values of the two ways are compared.
+One process, one model: the reference pass once, then the same trials three
+ways: ``before``, the way ``mlx_lm_optiq.sensitivity`` ran them first (every
+trial a whole forward pass of the model); ``per module``, from the module's
+own block's cached input with its bit-widths stacked into one pass; ``now``,
+every module and bit-width of a block stacked into one pass that stops at the
+final hidden states, each trial's logits then made one at a time. Modules are
+sampled as whole blocks spread over the depth (``--modules-per-kind`` of each
+kind), so the mean time per trial stands for the whole pass; one pass of each
+way runs untimed first (on CUDA the first use of each kernel compiles it); the
+KL values of the three ways are compared.
 
     python benchmarks/sensitivity_speed.py --model SMOLLM2 --data GSM8K \\
         [--samples 4] [--max-seq-length 64]
@@ -19,7 +21,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from statistics import mean
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -69,29 +70,42 @@ def main():
     reference = S.Reference(model, batches, 4e9)
     reference_seconds = time.perf_counter() - tic
     targets = M.block_targets(model)
-    picked = sample(targets, args.modules_per_kind, len(model.layers))
+    picked = sorted(
+        sample(targets, args.modules_per_kind, len(model.layers)),
+        key=lambda t: (t.block, t.path),
+    )  # a block's modules side by side
+    head = reference.head
+    ways = {  # (runs from the cached block input, the head applied per trial)
+        "before": (False, None),  # the whole model per trial, as it ran before
+        "per module": (True, None),  # a module's bit-widths in one pass from its block
+        "now": (
+            True,
+            head,
+        ),  # a block's modules and bit-widths in one pass, then the head
+    }
     per_trial, kls = {}, {}
-    for cached in (False, True):  # untimed: the first use of each kernel compiles it
-        reference.cached = cached
-        reference.kl(
-            picked[0], [S.quantized(picked[0].module, b, args.group_size) for b in bits]
-        )
-    for way, cached in (("before", False), ("now", True)):
-        reference.cached = cached
-        times = []
-        for target in picked:
-            versions = [S.quantized(target.module, b, args.group_size) for b in bits]
-            start = time.perf_counter()
-            kls[(way, target.path)] = reference.kl(target, versions)
-            times.append((time.perf_counter() - start) / len(versions))
-            print(f"{way} {target.path}: {times[-1]:.2f} s per trial", flush=True)
-        per_trial[way] = mean(times)
-    drift = max(abs(a - b) for t in picked
-                for a, b in zip(kls[("before", t.path)], kls[("now", t.path)]))  # fmt: skip
+    for way, (cached, with_head) in ways.items():
+        reference.cached, reference.head = cached, with_head
+        groups = S.trial_groups(reference, picked, bits, args.group_size)
+        reference.kl_trials(
+            [(t, v) for t, _, v in groups[0]]
+        )  # untimed: kernels compile
+        seconds, count = 0.0, 0
+        for group in groups:
+            tic = time.perf_counter()
+            found = reference.kl_trials([(t, v) for t, _, v in group])
+            seconds += time.perf_counter() - tic
+            count += len(group)
+            for (target, b, _), kl in zip(group, found):
+                kls[(way, target.path, b)] = kl
+        per_trial[way] = seconds / count
+        print(f"{way}: {per_trial[way]:.4f} s per trial over {count} trials in "
+              f"{len(groups)} passes", flush=True)  # fmt: skip
+    drift = max(abs(kls[("before", p, b)] - kls[(way, p, b)])
+                for (way, p, b) in kls if way != "before")  # fmt: skip
     trials = len(targets) * len(bits)
-    rows = [(way, f"{per_trial[way]:.2f}", f"{per_trial[way] * trials / 60:.1f}")
-            for way in ("before", "now")]  # fmt: skip
-    rows.append(("speed-up", f"{per_trial['before'] / per_trial['now']:.2f}x", ""))
+    rows = [(way, f"{per_trial[way]:.4f}", f"{per_trial[way] * trials / 60:.2f}",
+             f"{per_trial['before'] / per_trial[way]:.2f}x") for way in ways]  # fmt: skip
     write_result(args.out, {
         "benchmark": "sensitivity_speed", "command": " ".join(sys.argv),
         "environment": environment(), "model": Path(args.model).name,
@@ -101,7 +115,7 @@ def main():
         "reference_seconds": reference_seconds, "max_abs_kl_difference": drift,
     })  # fmt: skip
     print(f"{len(picked)} modules timed of {len(targets)}; KL the same to {drift:.1e}")
-    print_table(["trials", "s per trial", f"min for all {trials}"], rows)
+    print_table(["trials", "s per trial", f"min for all {trials}", "vs before"], rows)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ def train(args, model_dir, arm, lr, seed, adapter_path):
         lora_parameters={"rank": args.rank, "dropout": 0.0, "scale": args.scale},
         **settings,
     )  # fmt: skip
-    val = {r["iteration"] + 1: r["val_loss"] for r in result["val"]}  # mlx-lm reports it - 1
+    val = {
+        r["iteration"] + 1: r["val_loss"] for r in result["val"]
+    }  # mlx-lm reports it - 1
     return {
         "val_loss_early": val.get(args.early),
         "val_loss_final": val.get(args.iters),

@@ -60,13 +60,21 @@ class _StandIn:
         return getattr(self._block, name)
 
 
+STACKED_TOKENS = 65536  # at most this many tokens in one stacked pass
+
+
 class Reference:
     """The model as loaded, on every batch: each block's input (every
     ``stride``-th block's) and the next-token distribution. Trials run from
-    the cached input at or before their block."""
+    the cached input at or before their block, many stacked in one pass: with
+    a head it can apply alone (``train_step.find_head``) the pass stops at the
+    final hidden states and each trial's logits exist one at a time."""
 
     def __init__(self, model, batches, cache_bytes):
+        from .train_step import find_head
+
         self.model, self.batches = model, batches
+        self.head, _ = find_head(model)
         tokens = sum(t.size for t, _ in batches)
         per_block = tokens * _hidden_bytes(model)
         self.stride = max(1, math.ceil(len(model.layers) * per_block / cache_bytes))
@@ -74,7 +82,7 @@ class Reference:
         self.cached = True
         for tokens, _ in batches:
             seen = {}
-            logits = self._run(tokens, {i: self._recorder(i, seen) for i in range(len(model.layers))})  # fmt: skip
+            logits = self._run(tokens, {i: self._recorder(i, seen) for i in range(len(model.layers))}).astype(mx.float32)  # fmt: skip
             if len(seen) != len(model.layers):
                 self.cached = False  # the model doesn't loop over model.layers
             keep = {i: h for i, h in seen.items() if i % self.stride == 0}
@@ -97,59 +105,81 @@ class Reference:
 
         return _StandIn(block, record)
 
-    def _run(self, tokens, stand_ins):
-        """The model on ``tokens`` with some blocks stood in for: float32 logits."""
+    def _run(self, tokens, stand_ins, hidden=False):
+        """The model on ``tokens`` with some blocks stood in for: float32
+        logits, or (``hidden``) the backbone's final hidden states."""
         blocks = self.model.layers
         saved = list(blocks)
         try:
             for i, stand_in in stand_ins.items():
                 blocks[i] = stand_in
-            return self.model(tokens).astype(mx.float32)
+            return (self.model.model if hidden else self.model)(tokens)
         finally:
             blocks[:] = saved
 
-    def _logits(self, b, tokens, target, versions):
-        """Logits of every version of ``target``'s module, stacked: one pass
-        from the cached input at or before its block."""
+    def stack_size(self) -> int:
+        """How many trials of one block run in one pass: as many as fit in
+        :data:`STACKED_TOKENS` with a head, else the versions of one module
+        (the stacked logits of more would take the memory)."""
+        if self.head is None or not self.cached:
+            return 0
+        tokens = max(t.size for t, _ in self.batches)
+        return max(2, STACKED_TOKENS // tokens)
+
+    def _outputs(self, b, tokens, trials):
+        """Every trial's output stacked (``(target, version)`` pairs, one block):
+        one pass from the cached input at or before the block."""
+        use_head = self.head is not None
         if not self.cached:
             outs = []
-            for version in versions:
+            for target, version in trials:
                 measuring.put(self.model.layers[target.block], target.inside, version)
-                outs.append(self._run(tokens, {}))
+                outs.append(self._run(tokens, {}, use_head))
+                measuring.put(self.model.layers[target.block], target.inside, target.module)  # fmt: skip
             return mx.concatenate(outs, axis=0)
-        block = self.model.layers[target.block]
-        start = target.block // self.stride * self.stride
+        index = trials[0][0].block
+        block = self.model.layers[index]
+        start = index // self.stride * self.stride
         hidden = self.inputs[b][start]
 
         def stacked(x, *args, **kwargs):
             outs = []
-            for version in versions:
+            for target, version in trials:
                 measuring.put(block, target.inside, version)
                 outs.append(block(x, *args, **kwargs))
+                measuring.put(block, target.inside, target.module)
             return mx.concatenate(outs, axis=0)
 
         stand_ins = {i: _StandIn(self.model.layers[i], lambda x, *a, **k: hidden) for i in range(start)}  # fmt: skip
-        stand_ins[target.block] = _StandIn(block, stacked)
-        return self._run(tokens, stand_ins)
+        stand_ins[index] = _StandIn(block, stacked)
+        return self._run(tokens, stand_ins, use_head)
 
     def kl(self, target, versions) -> List[float]:
-        """Mean KL(reference || model) over real tokens, one per version of
-        the target's module, every version in one pass per batch."""
-        totals = [mx.array(0.0) for _ in versions]
+        """One KL per version of ``target``'s module (:meth:`kl_trials`)."""
+        return self.kl_trials([(target, v) for v in versions])
+
+    def kl_trials(self, trials) -> List[float]:
+        """Mean KL(reference || model) over real tokens for each ``(target,
+        version)`` (all in one block): every trial in one pass per batch."""
+        totals = [mx.array(0.0) for _ in trials]
         count = 0.0
         try:
             for b, (tokens, mask) in enumerate(self.batches):
-                logits = self._logits(b, tokens, target, versions)
+                out = self._outputs(b, tokens, trials)
                 n, ref = tokens.shape[0], self.log_probs[b]
-                for k in range(len(versions)):
-                    z = logits[k * n : (k + 1) * n]
+                for k in range(len(trials)):
+                    z = out[k * n : (k + 1) * n]
+                    z = (self.head(z) if self.head is not None else z).astype(
+                        mx.float32
+                    )
                     logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
                     kl = (mx.exp(ref) * (ref - logq)).sum(axis=-1)
                     totals[k] = totals[k] + (kl * mask).sum()
+                    mx.eval(totals[k])  # one trial's logits at a time
                 count += mask.sum().item()
-                mx.eval(totals)
         finally:
-            measuring.put(self.model.layers[target.block], target.inside, target.module)
+            for target, _ in trials:
+                measuring.put(self.model.layers[target.block], target.inside, target.module)  # fmt: skip
         return [max(t.item() / count, 0.0) for t in totals]
 
     def check(self, target):
@@ -345,6 +375,23 @@ def _versions_bits(module, candidates):
     return [b for b in candidates if getattr(module, "bits", 16) > b]
 
 
+def trial_groups(reference, todo, candidates, group_size):
+    """``[[(target, bits, version)]]``: the trials that run in one pass each,
+    every module's versions together, a block's modules together as far as
+    :meth:`Reference.stack_size` allows."""
+    limit = reference.stack_size()
+    groups, current = [], []
+    for target in todo:
+        trials = [(target, b, quantized(target.module, b, group_size))
+                  for b in _versions_bits(target.module, candidates)]  # fmt: skip
+        same_block = current and current[0][0].block == target.block
+        if current and not (same_block and len(current) + len(trials) <= limit):
+            groups.append(current)
+            current = []
+        current += trials
+    return groups + ([current] if current else [])
+
+
 def _measure_all(reference, todo, args, out, settings, layers, trials, order):
     from tqdm import tqdm
 
@@ -352,25 +399,30 @@ def _measure_all(reference, todo, args, out, settings, layers, trials, order):
         reference.check(todo[len(todo) // 2])
     bar = tqdm(total=trials, desc="sensitivity", unit="trial")
     tic, timed = time.perf_counter(), 0
-    for target in todo:
-        bits = _versions_bits(target.module, args.bits)
-        versions = [quantized(target.module, b, args.group_size) for b in bits]
-        measured = dict(zip(bits, reference.kl(target, versions) if versions else []))
-        for b, kl in measured.items():
+    measured = {t.path: {} for t in todo}
+    for group in trial_groups(reference, todo, args.bits, args.group_size):
+        kls = reference.kl_trials([(target, version) for target, _, version in group])
+        for (target, b, _), kl in zip(group, kls):
             if not math.isfinite(kl):
                 raise OptiqError(f"{target.path}: the KL at {b} bits is {kl}")
-        found = {str(b): measured.get(b, 0.0) for b in args.bits}
-        layers.append(_layer(target.path, target.module, found))
+            measured[target.path][b] = kl
+        for target in dict.fromkeys(target for target, _, _ in group):
+            found = {str(b): measured[target.path].get(b, 0.0) for b in args.bits}
+            layers.append(_layer(target.path, target.module, found))
         layers.sort(key=lambda l: order.get(l["layer_name"], len(order)))
         _write(out, settings, layers, complete=False)
-        bar.update(len(bits))
-        timed += len(bits)
-        if timed and timed == len(bits):  # after the first module: an estimate
+        bar.update(len(group))
+        timed += len(group)
+        if timed == len(group) and timed < trials:  # after the first pass: an estimate
             each = (time.perf_counter() - tic) / timed
             bar.write(
                 f"sensitivity: {each:.2f} s per trial; about "
                 f"{measuring.duration(each * (trials - timed))} for the other {trials - timed}"
             )
+    for target in todo:  # modules with no bits below their own: 0 at every bit-width
+        if not measured[target.path] and target.path not in {l["layer_name"] for l in layers}:  # fmt: skip
+            layers.append(_layer(target.path, target.module, {str(b): 0.0 for b in args.bits}))  # fmt: skip
+    layers.sort(key=lambda l: order.get(l["layer_name"], len(order)))
     bar.close()
 
 

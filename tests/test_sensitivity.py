@@ -235,3 +235,40 @@ def test_modules_that_dont_fit_the_group_size_stay_unquantized(
     assert ranks["model.layers.3.self_attn.q_proj"] == 8  # float: 16 bits -> 4x
     down_bits = meta["per_layer"]["model.layers.3.mlp.down_proj"]["bits"]
     assert ranks["model.layers.3.mlp.down_proj"] == 2 * down_bits // 4
+
+
+def test_the_file_is_what_whole_model_trials_give(measured, data_dir):
+    """Every KL in the file, from stacked trials that start at their own block
+    and stop before the head, equals the KL of quantizing the module and
+    running the whole model, one version at a time (how it was measured
+    before), within 1e-5."""
+    from mlx_lm_optiq import measuring, sensitivity
+
+    model_dir, _ = measured
+    doc = json.loads((model_dir / "optiq" / "sensitivity.json").read_text())
+    model, tokenizer = mlx_lm.load(str(model_dir))
+    rows = measuring.token_sequences(tokenizer, data_dir, 8, 32)
+    whole = sensitivity.Reference(model, list(measuring.batches(rows, 8)), 4e9)
+    whole.cached, whole.head = False, None  # the whole model, logits and all
+    for target in measuring.block_targets(model):
+        versions = [sensitivity.quantized(target.module, b, 32) for b in (4, 8)]
+        expected = whole.kl(target, versions)
+        entry = next(l for l in doc["layers"] if l["layer_name"] == target.path)
+        got = [entry["sensitivities"]["4"], entry["sensitivities"]["8"]]
+        assert got == pytest.approx(expected, abs=1e-5), target.path
+    assert whole.stack_size() == 0
+
+
+def test_a_blocks_trials_share_one_pass_with_a_head(measured, data_dir):
+    from mlx_lm_optiq import measuring, sensitivity
+
+    model_dir, _ = measured
+    model, tokenizer = mlx_lm.load(str(model_dir))
+    rows = measuring.token_sequences(tokenizer, data_dir, 8, 32)
+    reference = sensitivity.Reference(model, list(measuring.batches(rows, 8)), 4e9)
+    assert reference.head is not None and reference.stack_size() >= 14
+    groups = sensitivity.trial_groups(
+        reference, measuring.block_targets(model), [4, 8], 32
+    )
+    assert len(groups) == 4  # one pass per block: 7 modules x 2 bit-widths
+    assert all(len(g) == 14 and len({t.block for t, _, _ in g}) == 1 for g in groups)
