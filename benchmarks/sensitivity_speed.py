@@ -7,8 +7,9 @@ own block's cached input with its bit-widths stacked into one pass; ``now``,
 every module and bit-width of a block stacked into one pass that stops at the
 final hidden states, each trial's logits then made one at a time. Modules are
 sampled as whole blocks spread over the depth (``--modules-per-kind`` of each
-kind), so the mean time per trial stands for the whole pass; one pass of each
-way runs untimed first (on CUDA the first use of each kernel compiles it); the
+kind), so the mean time per trial stands for the whole pass; every pass runs
+once untimed first on a GPU (the first use of each kernel compiles it), the
+first of each way on the CPU; the
 KL values of the three ways are compared.
 
     python benchmarks/sensitivity_speed.py --model SMOLLM2 --data GSM8K \\
@@ -53,8 +54,11 @@ def main():
     parser.add_argument(
         "--out", default=str(HERE / "results" / "sensitivity_speed.json")
     )
+    parser.add_argument("--warm-all", action=argparse.BooleanOptionalAction, default=None,
+                        help="run every pass once untimed first (default: on a GPU)")  # fmt: skip
     args = parser.parse_args()
 
+    import mlx.core as mx
     import mlx_lm
 
     from mlx_lm_optiq import measuring as M
@@ -75,6 +79,11 @@ def main():
         key=lambda t: (t.block, t.path),
     )  # a block's modules side by side
     head = reference.head
+    # on a GPU every pass runs once untimed (each module kind's kernels compile
+    # on first use); on the CPU the first of each way alone
+    warm_all = args.warm_all
+    if warm_all is None:
+        warm_all = "gpu" in str(mx.default_device())
     ways = {  # (runs from the cached block input, the head applied per trial)
         "before": (False, None),  # the whole model per trial, as it ran before
         "per module": (True, None),  # a module's bit-widths in one pass from its block
@@ -87,9 +96,8 @@ def main():
     for way, (cached, with_head) in ways.items():
         reference.cached, reference.head = cached, with_head
         groups = S.trial_groups(reference, picked, bits, args.group_size)
-        reference.kl_trials(
-            [(t, v) for t, _, v in groups[0]]
-        )  # untimed: kernels compile
+        for group in groups if warm_all else groups[:1]:  # untimed: kernels compile
+            reference.kl_trials([(t, v) for t, _, v in group])
         seconds, count = 0.0, 0
         for group in groups:
             tic = time.perf_counter()
@@ -113,6 +121,7 @@ def main():
         "modules_timed": [t.path for t in picked], "trials_in_a_full_pass": trials,
         "seconds_per_trial": per_trial, "speedup": per_trial["before"] / per_trial["now"],
         "reference_seconds": reference_seconds, "max_abs_kl_difference": drift,
+        "warmed_every_pass": warm_all,
     })  # fmt: skip
     print(f"{len(picked)} modules timed of {len(targets)}; KL the same to {drift:.1e}")
     print_table(["trials", "s per trial", f"min for all {trials}", "vs before"], rows)

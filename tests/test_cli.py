@@ -32,7 +32,7 @@ def test_help_explains_the_new_options(cli):
     out = " ".join(cli.lora("--help").stdout.split())
     for option in (
         "--rank-scaling",
-        "{constant,by_bits,by_kl,allocate}",
+        "{constant,by_bits,by_kl,allocate,by_grad}",
         "--rank ",
         "--rank-budget",
     ):
@@ -91,6 +91,8 @@ def test_sidecar_records_every_module(cli, trained, mixed_model):
         "bits_source": "config.json",
         "kl": None,
         "kl_source": None,
+        "grad": None,
+        "grad_source": None,
     }
     assert sidecar["metadata_files"][0]["file"] == "config.json"
     assert len(sidecar["metadata_files"][0]["sha256"]) == 64
