@@ -8,12 +8,15 @@ shape, which ``--rank-scaling by_kl`` and ``mlx_lm_optiq.quantize`` read.
 
 A trial changes nothing before its own block, so the reference pass keeps
 every block's input (every k-th block's when they would take more than
-``--cache-gb``), and each trial runs from there, with every candidate
-bit-width of its module stacked into one batch. Before the first trial the
-command prints how many there are, and after the first module the measured
-seconds per trial and an estimate. ``--layers`` and ``--modules`` limit what
-is measured. The file is rewritten (atomically) after every module, so Ctrl-C
-leaves a file the same command resumes, never an empty folder.
+``--cache-gb``), and a block's trials (its modules at every candidate
+bit-width) run from there stacked into one batch that stops at the final
+hidden states; each trial's logits are then made one at a time (without a
+head that can be applied alone, a module's bit-widths are stacked and the
+model's own logits used). Before the first trial the command prints how
+many there are, and after the first pass the measured seconds per trial and
+an estimate. ``--layers`` and ``--modules`` limit what is measured. The
+file is rewritten (atomically) after every pass, so Ctrl-C leaves a file
+the same command resumes, never an empty folder.
 """
 
 import argparse
@@ -499,9 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlx_lm_optiq.sensitivity",
         description="Measure, per linear module, the KL divergence caused by "
         "quantizing that module alone, on text from the training data. Writes "
-        "MODEL/optiq/sensitivity.json (OptiQ's format). Each trial runs from its "
-        "module's own block; the command says how many trials there are and, "
-        "after the first module, how long they will take.",
+        "MODEL/optiq/sensitivity.json (OptiQ's format). A block's trials run "
+        "together from its cached input; the command says how many trials there "
+        "are and, after the first pass, how long they will take. --signal "
+        "gradient measures each module's weight gradient instead.",
     )
     parser.add_argument(
         "model",
