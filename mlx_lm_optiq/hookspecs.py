@@ -29,8 +29,8 @@ class RankContext:
 
     Attributes:
         base_rank: ``lora_parameters.rank``.
-        facts: ``{module path: ModuleFacts}`` (``bits``, ``kl`` and where each
-            came from) for every module the run adapts, in mlx-lm's order.
+        facts: ``{module path: ModuleFacts}`` (``bits``, ``kl``, ``grad`` and
+            where each came from) for every module the run adapts, in mlx-lm's order.
         units: ``{module path: adapter parameters per unit of rank}``
             (``in + out`` for a linear layer).
         budget: the adapter parameters the ranks may spend, when the user
