@@ -272,3 +272,18 @@ def test_a_blocks_trials_share_one_pass_with_a_head(measured, data_dir):
     )
     assert len(groups) == 4  # one pass per block: 7 modules x 2 bit-widths
     assert all(len(g) == 14 and len({t.block for t, _, _ in g}) == 1 for g in groups)
+
+
+def test_layers_and_modules_limit_the_pass_and_it_says_how_long(
+    fragile_model, data_dir, tmp_path
+):
+    out = tmp_path / "part.json"
+    proc = tool("sensitivity", fragile_model, "--data", data_dir, *MEASURE,
+                "--layers", "0,2-3", "--modules", "q_proj,down_proj", "-o", out)  # fmt: skip
+    assert "sensitivity: 6 modules to measure, 12 trials" in proc.stdout
+    assert "s per trial; about" in proc.stdout + proc.stderr  # after the first pass
+    doc = json.loads(out.read_text())
+    measured = {l["layer_name"] for l in doc["layers"]}
+    assert measured == {f"model.layers.{i}.{m}" for i in (0, 2, 3)
+                        for m in ("self_attn.q_proj", "mlp.down_proj")}  # fmt: skip
+    assert doc["measured"] == {"layers": "0,2-3", "modules": "q_proj,down_proj"}

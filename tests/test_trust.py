@@ -316,23 +316,23 @@ def test_an_interrupted_sensitivity_pass_leaves_a_file_it_resumes(
     model = tmp_path / "model"
     shutil.copytree(fp_model, model)
     calls = []
-    real = sensitivity.Reference.kl
+    real = sensitivity.Reference.kl_trials
 
-    def interrupted(self, target, versions):
-        calls.append(target.path)
-        if len(calls) == 4:  # check() is the first call
+    def interrupted(self, trials):
+        calls.append(trials[0][0].path)
+        if len(calls) == 4:  # check() is the first call, then a pass per block
             raise KeyboardInterrupt
-        return real(self, target, versions)
+        return real(self, trials)
 
-    monkeypatch.setattr(sensitivity.Reference, "kl", interrupted)
+    monkeypatch.setattr(sensitivity.Reference, "kl_trials", interrupted)
     args = ["--data", str(data_dir), "--group-size", "32", "--samples", "4"]
     with pytest.raises(SystemExit) as stopped:
         sensitivity.main([str(model), *args])
     assert stopped.value.code == 130
     doc = read_json(model / "optiq" / "sensitivity.json")
-    assert doc["complete"] is False and len(doc["layers"]) == 2
+    assert doc["complete"] is False and len(doc["layers"]) == 14  # two blocks
     assert "the same command resumes from there" in capsys.readouterr().err
-    monkeypatch.setattr(sensitivity.Reference, "kl", real)
+    monkeypatch.setattr(sensitivity.Reference, "kl_trials", real)
     assert sensitivity.main([str(model), *args]) == 0
-    assert "resuming: 2 of 28 modules already measured" in capsys.readouterr().out
+    assert "resuming: 14 of 28 modules already measured" in capsys.readouterr().out
     assert read_json(model / "optiq" / "sensitivity.json")["complete"] is True
