@@ -62,8 +62,13 @@ def as_dict(record: AdapterRecord) -> dict:
         "left_out_modules": record.left_out,
         "trainable_parameters": record.trainable_parameters,
         "constant_rank_parameters": record.constant_rank_parameters,
+        "settings": dict(record.settings),
         "modules": {
-            p: {"rank": record.modules[p].rank, **_facts(record.modules[p])}
+            p: {
+                "rank": record.modules[p].rank,
+                "scale": record.scales[p],
+                **_facts(record.modules[p]),
+            }
             for p in sorted(record.modules, key=_layer_sort_key)
         },
     }

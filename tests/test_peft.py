@@ -404,3 +404,8 @@ def test_lora_scale_follows_rank_everywhere_it_loads(
 
     info = run([BIN / "mlx_lm_optiq.info", adapter]).stdout
     assert f"(per module {20 * factor:.4g}-20, lora_scale {rule})" in info
+    described = json.loads(run([BIN / "mlx_lm_optiq.info", adapter, "--json"]).stdout)
+    assert {p: m["scale"] for p, m in described["modules"].items()} == {
+        p: pytest.approx(layer.scale) for p, layer in layers.items()
+    }
+    assert described["settings"]["lora_scale"] == rule
