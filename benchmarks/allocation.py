@@ -42,9 +42,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
+    append_jsonl,
     environment,
     gsm8k_answers,
     print_table,
+    read_jsonl,
     run_all,
     train_in_process,
     write_result,
@@ -94,15 +96,18 @@ def prepare(args, work, bases):
     return models
 
 
-def train(args, model_dir, row, seed, adapter_path):
+def default_window(model_dir) -> int:
+    """mlx-lm's default ``--num-layers`` for this model: 16, or all of fewer."""
     from mlx_lm.lora import CONFIG_DEFAULTS
 
+    layers = json.loads((Path(model_dir) / "config.json").read_text())
+    return min(CONFIG_DEFAULTS["num_layers"], layers["num_hidden_layers"])
+
+
+def train(args, model_dir, row, seed, adapter_path):
     settings = dict(ROWS[row])
     if settings["num_layers"] is None:
-        layers = json.loads((Path(model_dir) / "config.json").read_text())
-        settings["num_layers"] = min(
-            CONFIG_DEFAULTS["num_layers"], layers["num_hidden_layers"]
-        )
+        settings["num_layers"] = default_window(model_dir)
     result = train_in_process(
         True,
         model=str(model_dir), data=str(args.data), adapter_path=str(adapter_path),
@@ -359,9 +364,7 @@ def main():
     models = prepare(args, work_dir, bases)
     print(f"bases ready after {time.monotonic() - start:.0f} s", flush=True)
     log = work_dir / "runs.jsonl"
-    runs = (
-        [json.loads(l) for l in log.read_text().splitlines()] if log.is_file() else []
-    )
+    runs = read_jsonl(log)
     have = {(r["base"], r["row"], r["seed"]) for r in runs}
     tasks = {}
     for seed in range(args.seeds):
@@ -377,8 +380,7 @@ def main():
         base, row, seed = name.split("/")
         run = {"base": base, "row": row, "seed": int(seed[4:]), **result}
         runs.append(run)
-        with open(log, "a") as f:
-            f.write(json.dumps(run) + "\n")
+        append_jsonl(log, run)
 
     _, failed = run_all(tasks, args.jobs, deadline, work, keep)
     all_rows = list(dict.fromkeys(["default", *ROWS, *rows]))
@@ -388,11 +390,7 @@ def main():
     summary, table = summarize(runs, all_bases, all_rows)
 
     answers_log = work_dir / "gsm8k.jsonl"
-    answers = {}
-    if answers_log.is_file():
-        for line in answers_log.read_text().splitlines():
-            a = json.loads(line)
-            answers[(a["row"], a["seed"])] = a["answers"]
+    answers = {(a["row"], a["seed"]): a["answers"] for a in read_jsonl(answers_log)}
     if args.gsm8k:
         gsm_rows = [winner if r == "winner" else r for r in args.gsm8k_rows.split(",")]
         evals = {}
@@ -413,11 +411,7 @@ def main():
             report(name, result)
             row, seed = name.split("/")
             answers[(row, int(seed[4:]))] = result
-            with open(answers_log, "a") as f:
-                f.write(
-                    json.dumps({"row": row, "seed": int(seed[4:]), "answers": result})
-                    + "\n"
-                )
+            append_jsonl(answers_log, {"row": row, "seed": int(seed[4:]), "answers": result})  # fmt: skip
 
         _, eval_failed = run_all(evals, args.jobs, deadline, work, keep_answers)
         failed.update(eval_failed)

@@ -82,6 +82,22 @@ def write_result(path, doc):
     print(f"wrote {path}")
 
 
+def read_jsonl(path) -> list:
+    """The rows a study's log holds (none when it has no log yet)."""
+
+    path = Path(path)
+    return (
+        [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+    )
+
+
+def append_jsonl(path, row: dict) -> None:
+    """One more row in a study's log, as soon as it is known (a rerun resumes)."""
+
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def train_in_process(plugin, loaded=None, **overrides):
     """One ``mlx_lm.lora`` training run through mlx-lm's own ``train_model``.
 

@@ -49,8 +49,10 @@ sys.path.insert(0, str(HERE))
 
 import allocation  # noqa: E402
 from common import (  # noqa: E402
+    append_jsonl,
     environment,
     print_table,
+    read_jsonl,
     run_all,
     train_in_process,
     write_result,
@@ -89,12 +91,9 @@ def prepare(args, work):
 
 
 def train(args, model_dir, arm, lr, seed, adapter_path):
-    from mlx_lm.lora import CONFIG_DEFAULTS
-
     settings = dict(ARMS[arm])
     if settings["num_layers"] is None:
-        layers = json.loads((Path(model_dir) / "config.json").read_text())
-        settings["num_layers"] = min(CONFIG_DEFAULTS["num_layers"], layers["num_hidden_layers"])  # fmt: skip
+        settings["num_layers"] = allocation.default_window(model_dir)
     result = train_in_process(
         True,
         model=str(model_dir), data=str(args.data), adapter_path=str(adapter_path),
@@ -267,9 +266,7 @@ def main():
     models = prepare(args, work_dir)
     print(f"bases and signals ready after {time.monotonic() - start:.0f} s", flush=True)
     log = work_dir / "runs.jsonl"
-    runs = (
-        [json.loads(l) for l in log.read_text().splitlines()] if log.is_file() else []
-    )
+    runs = read_jsonl(log)
     have = {(r["base"], r["arm"], r["lr"], r["seed"]) for r in runs}
     tasks = {}
     for seed in range(args.seeds):
@@ -293,8 +290,7 @@ def main():
             **result,
         }
         runs.append(run)
-        with open(log, "a") as f:
-            f.write(json.dumps(run) + "\n")
+        append_jsonl(log, run)
 
     _, failed = run_all(tasks, args.jobs, deadline, work, keep)
     summary, table = summarize(runs, arms)
@@ -324,11 +320,7 @@ def gsm8k_results(args, work_dir, models, arms, summary, deadline, failed):
         return {}
     base = args.bases.split(",")[0]
     answers_log = work_dir / "gsm8k.jsonl"
-    answers = {}
-    if answers_log.is_file():
-        for line in answers_log.read_text().splitlines():
-            a = json.loads(line)
-            answers[(a["arm"], a["seed"])] = a["answers"]
+    answers = {(a["arm"], a["seed"]): a["answers"] for a in read_jsonl(answers_log)}
     evals = {}
     for arm in arms:
         lr = summary.get(f"{base}/{arm}", {}).get("best_lr")
@@ -345,11 +337,9 @@ def gsm8k_results(args, work_dir, models, arms, summary, deadline, failed):
         arm, seed = name.split("/")
         answers[(arm, int(seed[4:]))] = result
         print(f"{name}: GSM8K {sum(result)}/{len(result)}", flush=True)
-        with open(answers_log, "a") as f:
-            f.write(
-                json.dumps({"arm": arm, "seed": int(seed[4:]), "answers": result})
-                + "\n"
-            )
+        append_jsonl(
+            answers_log, {"arm": arm, "seed": int(seed[4:]), "answers": result}
+        )
 
     _, eval_failed = run_all(evals, args.jobs, deadline, work, keep)
     failed.update(eval_failed)

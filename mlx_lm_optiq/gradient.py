@@ -158,17 +158,9 @@ def _resume(out, vectors, settings):
     """``(modules, right vectors)`` of an earlier run with the same settings."""
     if not out.is_file():
         return {}, {}
-    from .adapter_read import load_tensors, read_json
+    from .adapter_read import load_tensors
 
-    doc = read_json(out)
-    previous = {k: doc.get(k) for k in settings}
-    if previous != settings:
-        changed = [k for k in settings if previous[k] != settings[k]]
-        raise OptiqError(
-            f"was measured with other settings ({', '.join(changed)}); "
-            "pass -o to write elsewhere, or --restart to measure again",
-            out,
-        )
+    doc = measuring.earlier_pass(out, settings)
     right = load_tensors(vectors) if vectors.is_file() else {}
     modules = {p: m for p, m in doc.get("modules", {}).items() if f"{p}.right" in right}
     return modules, {f"{p}.right": right[f"{p}.right"] for p in modules}

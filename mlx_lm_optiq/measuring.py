@@ -137,3 +137,20 @@ def layer_set(text):
 
 def module_set(text):
     return None if text is None else {m.strip() for m in text.split(",")}
+
+
+def earlier_pass(out: Path, settings: dict) -> dict:
+    """The document an earlier run of a measuring pass left in ``out``, if it
+    was measured with the same ``settings`` (else the command stops)."""
+    from .adapter_read import read_json
+
+    doc = read_json(out)
+    previous = {k: doc.get(k) for k in settings}
+    if previous != settings:
+        changed = [k for k in settings if previous[k] != settings[k]]
+        raise OptiqError(
+            f"was measured with other settings ({', '.join(changed)}); "
+            "pass -o to write elsewhere, or --restart to measure again",
+            out,
+        )
+    return doc

@@ -240,17 +240,7 @@ def settings_of(args: argparse.Namespace, sequences, model_path) -> dict:
 def _resume(out, settings):
     if not out.is_file():
         return {}
-    from .adapter_read import read_json
-
-    doc = read_json(out)
-    previous = {k: doc.get(k) for k in settings}
-    if previous != settings:
-        changed = [k for k in settings if previous[k] != settings[k]]
-        raise OptiqError(
-            f"was measured with other settings ({', '.join(changed)}); "
-            "pass -o to write elsewhere, or --restart to measure again",
-            out,
-        )
+    doc = measuring.earlier_pass(out, settings)
     return {layer["layer_name"]: layer for layer in doc.get("layers", [])}
 
 

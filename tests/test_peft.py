@@ -183,6 +183,16 @@ def test_clean_peft_export_loads_without_warnings(arch_setup, tmp_path, caplog, 
     assert any("Unexpected keyword arguments" in w for w in said)
 
 
+def stock_logits(mlx_dir, adapter):
+    """Logits of ``mlx_dir`` with ``adapter`` as stock mlx-lm (no plugin) loads it."""
+    _startup.uninstall()
+    try:
+        stock, _ = mlx_lm.load(str(mlx_dir), adapter_path=str(adapter))
+    finally:
+        _startup.install()
+    return mlx_logits(stock)
+
+
 def test_padded_export_loads_in_stock_mlx_lm(arch_setup, tmp_path):
     arch, mlx_dir, _, adapter = arch_setup
     expected = mlx_logits(mlx_lm.load(str(mlx_dir), adapter_path=str(adapter))[0])
@@ -191,12 +201,7 @@ def test_padded_export_loads_in_stock_mlx_lm(arch_setup, tmp_path):
     config = read_json(out / "adapter_config.json")
     assert config["lora_parameters"]["rank"] == 8
     assert "rank_pattern" not in config["lora_parameters"]
-    _startup.uninstall()
-    try:
-        stock, _ = mlx_lm.load(str(mlx_dir), adapter_path=str(out))
-    finally:
-        _startup.install()
-    assert np.abs(mlx_logits(stock) - expected).max() <= 1e-5
+    assert np.abs(stock_logits(mlx_dir, out) - expected).max() <= 1e-5
 
 
 def _peft_adapter(hf_dir, out, **config):
@@ -242,12 +247,7 @@ def test_peft_adapter_pads_for_stock_mlx_lm(arch_setup, tmp_path):
     arch, mlx_dir, hf_dir, _ = arch_setup
     expected = _peft_adapter(hf_dir, tmp_path / "peft", **PEFT_CASES["patterns"])
     assert export([str(tmp_path / "peft"), "--pad", str(tmp_path / "padded")]) == 0
-    _startup.uninstall()
-    try:
-        stock, _ = mlx_lm.load(str(mlx_dir), adapter_path=str(tmp_path / "padded"))
-    finally:
-        _startup.install()
-    assert np.abs(mlx_logits(stock) - expected).max() <= 1e-4
+    assert np.abs(stock_logits(mlx_dir, tmp_path / "padded") - expected).max() <= 1e-4
 
 
 def test_pattern_keys_follow_peft():
@@ -392,12 +392,7 @@ def test_lora_scale_follows_rank_everywhere_it_loads(
 
     out = tmp_path / "padded"
     assert export([str(adapter), "--pad", str(out)]) == 0
-    _startup.uninstall()
-    try:
-        stock, _ = mlx_lm.load(str(mlx_dir), adapter_path=str(out))
-    finally:
-        _startup.install()
-    assert np.abs(mlx_logits(stock) - expected).max() <= 1e-5
+    assert np.abs(stock_logits(mlx_dir, out) - expected).max() <= 1e-5
     sidecar = read_json(adapter / "optiq_lora_config.json")
     assert sidecar["settings"]["lora_scale"] == rule
     from conftest import BIN, run
