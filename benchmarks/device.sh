@@ -17,6 +17,7 @@
 #         bash benchmarks/device.sh start qwen bash benchmarks/device.sh study-qwen
 #         bash benchmarks/device.sh start step bash benchmarks/device.sh study-step
 #         bash benchmarks/device.sh start sens bash benchmarks/device.sh study-sensitivity
+#         bash benchmarks/device.sh start long bash benchmarks/device.sh study-long
 #         bash benchmarks/device.sh start signal bash benchmarks/device.sh study-signal-smollm2
 #           (then study-signal-qwen, once signal_smollm2-135m.json is committed)
 #           (needs MLX and SmolLM2 only: setup's A without the Qwen slices)
@@ -123,6 +124,19 @@ study-step)
         --out $W/results/layer_speed_8B.json
     python3 benchmarks/step_speed.py --plans speed,memory --sizes 1B,8B,3B \
         --budget-seconds "${BUDGET:-1020}" --out $W/results/step_speed.json
+    ;;
+study-long)
+    # issue 22's open rows: which piece fails first at 2^28 hidden elements,
+    # then the plugin's memory series again (with a refinement after a
+    # failure) on all three sizes, and PEFT's and stock's on 3B
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    mkdir -p $W/results
+    python3 benchmarks/long_probe.py --size 1B --lengths 65536,131072 --out $W/results/long_probe_1B.json
+    python3 benchmarks/long_probe.py --size 8B --lengths 32768,65536 --out $W/results/long_probe_8B.json
+    python3 benchmarks/step_speed.py --plans memory --sizes 1B,8B,3B --memory-variants plugin \
+        --budget-seconds "${BUDGET:-600}" --out $W/results/step_memory.json
+    python3 benchmarks/step_speed.py --plans memory --sizes 3B --memory-variants peft,stock_aligned \
+        --budget-seconds "${BUDGET3B:-400}" --out $W/results/step_memory_3B.json
     ;;
 study-signal-smollm2)
     # issue 25's study, first model: every arm at 3 learning rates, 4 seeds, both

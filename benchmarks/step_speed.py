@@ -193,8 +193,14 @@ def torch_measure(model, size, variant, batch, length, iters):
 
 
 def _lengths(spec, points, deadline):
-    """The lengths a memory series measures: doubling, then one refinement."""
-    length, last_seconds = spec["start"], 0.0
+    """The lengths a memory series measures: doubling, then one refinement.
+
+    The caller sends back each length's seconds per step, or ``None`` when it
+    failed (out of memory): the refinement is then halfway between the
+    longest that ran and the one that failed, where the prediction had said
+    it would fit.
+    """
+    length, last_seconds, failed = spec["start"], 0.0, None
     while length <= spec["max_length"]:
         predicted = extrapolate(points, length)
         if predicted is not None and predicted > spec["limit_gb"]:
@@ -202,14 +208,23 @@ def _lengths(spec, points, deadline):
         if time.time() + 4 * 2 * last_seconds > deadline:
             yield None, f"time: {length} not started"
             return
-        last_seconds = yield length, None
+        seconds = yield length, None
+        if seconds is None:
+            failed = length
+            break
+        last_seconds = seconds
         length *= 2
     step, measured = spec["step"], [n for n, _ in points]
-    if not measured:
+    if not measured or time.time() + 4 * 2 * last_seconds > deadline:
+        return
+    if failed:
+        middle = (measured[-1] + failed) // 2 // step * step
+        if measured[-1] < middle < failed:
+            yield middle, f"refinement after {failed} failed"
         return
     fits = [n for n in range(measured[-1] + step, min(length, spec["max_length"] + 1), step)
             if extrapolate(points, n) <= spec["limit_gb"] / spec["margin"]]  # fmt: skip
-    if fits and time.time() + 4 * 2 * last_seconds < deadline:
+    if fits:
         yield fits[-1], "refinement"
 
 
@@ -249,7 +264,8 @@ def child(spec):
                 break
             result = run(series["variant"], 1, length, series["iters"], note)
             if "error" in result:
-                break
+                sent = None
+                continue
             points.append((length, result["peak_memory_gb"] or 0.0))
             sent = result["seconds_per_step"]
 

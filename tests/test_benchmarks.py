@@ -67,3 +67,28 @@ def test_the_signal_study_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert doc["gsm8k"]["by_grad_all_in"]["questions"] == 2
     assert (tmp_path / "w" / "q50" / "optiq" / "gradient.json").is_file()
     assert (tmp_path / "out" / "signal_tiny.png").stat().st_size > 1000
+
+
+def test_a_memory_series_that_fails_refines_halfway_to_the_failure():
+    import time
+
+    import step_speed
+
+    spec = {"start": 4096, "max_length": 131072, "limit_gb": 120.0, "step": 16384, "margin": 1.15}  # fmt: skip
+    peak = {4096: 9.0, 8192: 17.0, 16384: 27.0, 32768: 31.0, 65536: 42.0}
+    points, asked = [], []
+    series = step_speed._lengths(spec, points, time.time() + 3600)
+    sent = None
+    while True:
+        try:
+            length, note = series.send(sent)
+        except StopIteration:
+            break
+        asked.append((length, note))
+        if length in peak:
+            points.append((length, peak[length]))
+            sent = 0.5
+        else:
+            sent = None  # out of memory
+    assert [n for n, _ in asked] == [4096, 8192, 16384, 32768, 65536, 131072, 98304]
+    assert asked[-1][1] == "refinement after 131072 failed"
