@@ -127,6 +127,8 @@ def train_in_process(plugin, loaded=None, **overrides):
     from mlx_lm_optiq import _startup
 
     (_startup.install if plugin else _startup.uninstall)()
+    if plugin and _startup.failure:  # every arm of a study runs the same code
+        raise RuntimeError(f"the plugin is not active: {_startup.failure}")
 
     class Record(TrainingCallback):
         def __init__(self):

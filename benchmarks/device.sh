@@ -32,7 +32,7 @@ shift
 
 case "$cmd" in
 pack)
-    data=${1:?DATA_DIR}; slices=${2:?QWEN_SLICES_DIR}; smol=${3:?SMOLLM2_GGUF}
+    data=${1:?DATA_DIR}; slices=${2:?QWEN_SLICES_DIR (- for none)}; smol=${3:?SMOLLM2_GGUF}
     here=$(cd "$(dirname "$0")/.." && pwd)
     grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
     [ -f .dev/a/part_aa ] || bash ../shared/tools/mlx-cuda-parts.sh
@@ -45,12 +45,13 @@ pack)
     cp -r "$data" "$stage/A/gsm8k"
     cp "$smol" "$stage/A/smollm2.gguf"
     cp ../shared/tools/gguf_to_mlx.py "$stage/A/"
-    cp "$slices"/part*.bin "$stage/B/"
+    [ "$slices" = - ] || cp "$slices"/part*.bin "$stage/B/"
     rm -rf .dev/c[0-9]*
     (cd "$stage/A" && tar cf - .) | split -b $CHUNK -d -a 2 - "$stage/A_"
-    (cd "$stage/B" && tar cf - .) | split -b $CHUNK -d -a 2 - "$stage/B_"
+    [ "$slices" = - ] || (cd "$stage/B" && tar cf - .) | split -b $CHUNK -d -a 2 - "$stage/B_"
     n=0
     for part in "$stage"/A_* "$stage"/B_*; do
+        [ -e "$part" ] || continue
         n=$((n + 1)); d=$(printf '.dev/c%02d' $n); mkdir -p "$d"; mv "$part" "$d/"
     done
     rm -rf "$stage"
@@ -140,8 +141,11 @@ study-long)
     ;;
 study-signal-smollm2)
     # issue 25's study, first model: every arm at 3 learning rates, 4 seeds, both
-    # bases; resumable: put an earlier runs.jsonl in $W/signal_work first
+    # bases; resumable: put an earlier runs.jsonl in $W/signal_work first. The
+    # KL pass of the first session's run is committed: the same bases again
     export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    mkdir -p $W/signal_work
+    [ -f $W/signal_work/sensitivity.json ] || cp benchmarks/results/signal_smollm2-135m_sensitivity.json $W/signal_work/sensitivity.json
     python3 benchmarks/signal_study.py --model $W/smollm2 --data $W/A/gsm8k \
         --name smollm2-135m --bases q50,q40 --seeds 4 --jobs "${JOBS:-12}" \
         --budget-seconds "${BUDGET:-1200}" --work $W/signal_work --out-dir $W/results

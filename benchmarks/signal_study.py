@@ -19,11 +19,13 @@ layers) spread over all layers, except ``default`` (stock mlx-lm, the last
 - ``by_grad_all_in``: gradient allocation, gradient init, per-rank scale and
   LoRA+ together.
 
-Each arm at each of ``--lrs`` (default 1e-4, 2e-4, 4e-4) and ``--seeds``
-seeds on each base (``q50``, ``q40`` as in ``allocation.py``, from our own
-``sensitivity`` + ``quantize``; the gradient signal is measured on each
-base). The best learning rate of an arm is the one with the lowest mean final
-validation loss; arms are compared with ``constant_all`` at its own best,
+Each arm at each of ``--lrs`` (default 1e-4, 2e-4, 4e-4; the LoRA+ arms at a
+quarter of each, ``LR_GRID_SCALE``) and ``--seeds`` seeds on each base
+(``q50``, ``q40`` as in ``allocation.py``, from our own ``sensitivity`` +
+``quantize``; the gradient signal is measured on each base). The best
+learning rate of an arm is the one with the lowest mean final validation
+loss (flagged when it is the grid's first or last); arms are compared with
+``constant_all`` at its own best,
 seed by seed, at the end and at iteration 50 (convergence). ``--arms`` and
 ``--lrs-from`` (an earlier result: each arm at the learning rate it was best
 at there) run the second model; ``--gsm8k N`` adds exact match on N test
@@ -73,6 +75,9 @@ ARMS = {
                            lora_scale="per-rank", lora_plus_ratio=16.0, **ALL),
 }  # fmt: skip
 BASELINE = "constant_all"
+# LoRA+ steps B at 16x the learning rate: its arms search a grid 4x lower, so
+# that each arm's best learning rate lies inside the grid it searched
+LR_GRID_SCALE = {"constant_plus": 0.25, "by_grad_all_in": 0.25}
 
 
 def prepare(args, work):
@@ -147,6 +152,8 @@ def summarize(runs, arms):
         mine, ref = at[(base, arm)], at.get((base, BASELINE), {})
         stats = {"best_lr": best[(base, arm)], "seeds": sorted(mine)}
         lrs = sorted({r["lr"] for r in runs if r["base"] == base and r["arm"] == arm})
+        # a best at the end of a grid of three or more may lie beyond it
+        stats["best_at_grid_edge"] = len(lrs) >= 3 and stats["best_lr"] in (lrs[0], lrs[-1])  # fmt: skip
         stats["val_final_by_lr"] = {
             str(lr): statistics.mean(r["val_loss_final"] for r in runs
                                      if (r["base"], r["arm"], r["lr"]) == (base, arm, lr))
@@ -167,7 +174,7 @@ def summarize(runs, arms):
                 )
         summary[f"{base}/{arm}"] = stats
         table.append((
-            base, arm, f"{stats['best_lr']:g}", len(mine),
+            base, arm, f"{stats['best_lr']:g}" + (" (edge)" if stats["best_at_grid_edge"] else ""), len(mine),
             f"{stats['val_final_mean']:.4f} ± {stats['val_final_std']:.4f}",
             f"{stats['delta_final_percent']:+.2f}% ({stats['seeds_lower_final']})"
             if "delta_final_percent" in stats else "-",
@@ -213,7 +220,7 @@ def chosen_arms(args):
     lrs = [float(x) for x in args.lrs.split(",")]
     arms = args.arms.split(",")
     if not args.lrs_from:
-        return arms, {arm: lrs for arm in arms}
+        return arms, {arm: [lr * LR_GRID_SCALE.get(arm, 1.0) for lr in lrs] for arm in arms}  # fmt: skip
     earlier = json.loads(Path(args.lrs_from).read_text())["summary"]
     ranked = sorted(
         {k.split("/")[1] for k, s in earlier.items() if "delta_final_percent" in s},

@@ -133,7 +133,8 @@ def run_hook(hook: str, module) -> None:
     """
     global failure
     if failure is not None:
-        return _refuse_if_requested(module.__name__)
+        _refuse_if_requested(module.__name__)
+        return _guard_in_process(module)
     try:
         import importlib
 
@@ -146,6 +147,37 @@ def run_hook(hook: str, module) -> None:
             file=sys.stderr,
         )
         _refuse_if_requested(module.__name__)
+        _guard_in_process(module)
+
+
+def _guard_in_process(module):
+    """``mlx_lm.lora.train_model`` called from Python with the plugin's
+    options raises :class:`~mlx_lm_optiq.errors.OptiqError` (never raises here)."""
+    if module.__name__ != "mlx_lm.lora":
+        return
+    try:
+        from mlx_lm_optiq import settings, shim
+        from mlx_lm_optiq.errors import OptiqError
+
+        names = [f.name for f in settings.options()]
+
+        def check(args):
+            asked = [settings.option_name(n) for n in names if getattr(args, n, None) is not None]  # fmt: skip
+            if asked:
+                raise OptiqError(_refusal(asked))
+
+        shim.guard_train_model(module, check)
+    except Exception:  # noqa: BLE001 - the shim itself may be what is broken
+        pass
+
+
+def _refusal(asked) -> str:
+    return (
+        f"mlx-lm-optiq: {', '.join(asked)} {'was' if len(asked) == 1 else 'were'} "
+        f"asked for, but the plugin could not hook into mlx-lm: {failure}\n"
+        "Install a supported mlx-lm (see `pip show mlx-lm-optiq`), or drop "
+        "these options and YAML keys to train with stock mlx-lm."
+    )
 
 
 def _refuse_if_requested(module_name):
@@ -154,12 +186,7 @@ def _refuse_if_requested(module_name):
     asked = _options_requested(sys.argv[1:])
     if not asked:
         return
-    raise SystemExit(
-        f"mlx-lm-optiq: {', '.join(asked)} {'was' if len(asked) == 1 else 'were'} "
-        f"asked for, but the plugin could not hook into mlx-lm: {failure}\n"
-        "Install a supported mlx-lm (see `pip show mlx-lm-optiq`), or drop "
-        "these options and YAML keys to train with stock mlx-lm."
-    )
+    raise SystemExit(_refusal(asked))
 
 
 def _options_requested(argv):

@@ -15,6 +15,9 @@
   :func:`mlx_lm_optiq.mlx_lm_hookspecs.get_plugin_manager`.
 - :func:`conversion_targets`: which modules ``linear_to_lora_layers`` would
   adapt, asked of mlx-lm's own code (patched or not).
+- :func:`guard_train_model`: where the patches could not go in, the one
+  wrapper left, so that ``train_model`` called from Python refuses the
+  plugin's options rather than train stock.
 
 Each patch is a small named function that wraps one name where mlx-lm looks it
 up, is idempotent, is undone by :func:`uninstall`, and passes straight through
@@ -65,7 +68,13 @@ def _check_features(module):
     import mlx_lm
 
     version = getattr(mlx_lm, "__version__", "?")
-    ours = importlib.metadata.version("mlx-lm-optiq")
+    try:
+        ours = importlib.metadata.version("mlx-lm-optiq")
+    except importlib.metadata.PackageNotFoundError:  # found through its entry point
+        raise UnsupportedMlxLm(
+            "mlx-lm-optiq is not installed (a source tree on the path?), so "
+            "mlx-lm can't find its hooks; install it: pip install -e ."
+        ) from None
     for name in FEATURES.get(module.__name__, ()):
         if not callable(getattr(module, name, None)):
             raise UnsupportedMlxLm(
@@ -92,6 +101,22 @@ def _check_features(module):
             "every name it hooks into is there, so it does",
             file=sys.stderr,
         )
+
+
+def guard_train_model(module, check) -> None:
+    """Where the shim could not hook ``mlx_lm.lora``: its ``train_model``
+    calls ``check(args)`` first (which raises for args that ask for the
+    plugin), so an in-process run never trains stock instead."""
+    original = getattr(module, "train_model", None)
+    if not callable(original) or hasattr(original, "__optiq_original__"):
+        return
+
+    def train_model(original, args, *rest, **kwargs):
+        check(args)
+        return original(args, *rest, **kwargs)
+
+    _wrap(module, "train_model", train_model)
+    module.train_model.__optiq_guard__ = True  # the only change: a check first
 
 
 def upstream_has_hooks() -> bool:

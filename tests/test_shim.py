@@ -115,14 +115,16 @@ def test_an_mlx_lm_without_what_the_shim_hooks_into_is_refused():
 UNSUPPORTED = (
     "import sys, mlx_lm.tuner.trainer as t; "
     "t.train = lambda model, optimizer, train_dataset: None; sys.argv[1:] = {argv!r}; "
-    "import mlx_lm.lora; print('wrapped' if hasattr(mlx_lm.lora.train_model, "
+    "import mlx_lm.lora; f = mlx_lm.lora.train_model; print('guarded only' if "
+    "getattr(f, '__optiq_guard__', False) else 'wrapped' if hasattr(f, "
     "'__optiq_original__') else 'stock')"
 )
 
 
 def test_unsupported_version_fails_open_with_one_line():
     proc = run([sys.executable, "-c", UNSUPPORTED.format(argv=["--train"])])
-    assert proc.stdout.strip() == "stock"
+    # mlx-lm's own train_model, behind a check that refuses the plugin's options
+    assert proc.stdout.strip() == "guarded only"
     assert proc.stderr.strip().splitlines() == [
         "mlx-lm-optiq: not active, mlx-lm runs unmodified (UnsupportedMlxLm: "
         f"mlx-lm {mlx_lm.__version__}'s train() takes no loss and iterate_batches, "

@@ -57,6 +57,49 @@ def test_every_way_to_start_mlx_lm_runs_the_plugin(
     assert ranks_of(out) == BY_BITS
 
 
+# The package as a source tree on the path, with no installed distribution to
+# read (no version, no entry points for its hooks): its .dist-info is hidden
+# from this process, then the shim is switched on by hand, as
+# benchmarks/common.py does, and mlx-lm's own main() runs a YAML config.
+FROM_SOURCE = (
+    "import sys, importlib.machinery as m\n"
+    "class Hidden(m.PathFinder):\n"
+    "    @classmethod\n"
+    "    def find_distributions(cls, *a, **k):\n"
+    "        return [d for d in super().find_distributions(*a, **k)\n"
+    "                if d.metadata['Name'] != 'mlx-lm-optiq']\n"
+    "sys.meta_path[:] = [Hidden if f is m.PathFinder else f for f in sys.meta_path]\n"
+    "from mlx_lm_optiq import _startup\n"
+    "_startup.uninstall(); _startup.install()\n"
+    "import mlx_lm.lora\n"
+    "sys.argv = ['mlx_lm.lora', *{argv!r}]\n"
+    "mlx_lm.lora.main()\n"
+)
+
+
+def test_a_plugin_that_could_not_hook_refuses_an_in_process_run_that_asks_for_it(
+    mixed_model, data_dir, tmp_path
+):
+    """Found when a GPU study ran the package from a checkout: its options
+    reached mlx-lm's train_model from Python, the plugin was not active, and
+    stock mlx-lm trained without a word."""
+    config = tmp_path / "config.yaml"
+    config.write_text("rank_scaling: by_bits\nrank: 4\n")
+    out = tmp_path / "a"
+    argv = ["--model", str(mixed_model), "--data", str(data_dir), *TRAIN_ARGS,
+            "-c", str(config), "--adapter-path", str(out)]  # fmt: skip
+    proc = run([sys.executable, "-c", FROM_SOURCE.format(argv=argv)], check=False)
+    assert proc.returncode == 1
+    assert "mlx-lm-optiq is not installed (a source tree on the path?)" in proc.stderr
+    assert "OptiqError: mlx-lm-optiq: --rank-scaling, --rank were asked for, but the plugin could not hook" in proc.stderr  # fmt: skip
+    assert not out.exists()
+    # without the plugin's options, mlx-lm trains as it always does
+    config.write_text("learning_rate: 1e-3\n")
+    run([sys.executable, "-c", FROM_SOURCE.format(argv=argv)])
+    assert (out / "adapters.safetensors").is_file()
+    assert not (out / "optiq_lora_config.json").exists()
+
+
 UNSUPPORTED = (  # mlx-lm with a train() that takes no loss: not hookable
     "import sys, mlx_lm.tuner.trainer as t; "
     "t.train = lambda model, optimizer, train_dataset: None; "
