@@ -105,11 +105,9 @@ def top_right_singular(g: mx.array, k: int) -> Tuple[mx.array, mx.array]:
     out_dims, in_dims = g.shape
     k = min(k, out_dims, in_dims)
     gram = g.T @ g if in_dims <= out_dims else g @ g.T
-    values, vectors = np.linalg.eigh(np.array(gram))
+    values, vectors = np.linalg.eigh(np.array(gram))  # ascending
     sigma = mx.array(np.sqrt(np.maximum(values[::-1][:k], 0.0)))
-    vectors = mx.array(
-        np.ascontiguousarray(vectors[:, ::-1][:, :k])
-    )  # columns, largest first
+    vectors = mx.array(np.ascontiguousarray(vectors[:, ::-1][:, :k]))
     if in_dims > out_dims:  # left vectors: v = g^T u / sigma
         vectors = (g.T @ vectors) / mx.maximum(sigma, 1e-30)
     right = vectors.T
