@@ -66,7 +66,7 @@ def inputs_of(piece, size, length):
         weight = mx.ones((hidden,), mx.bfloat16)
         return (lambda x: mx.fast.rms_norm(x, weight, 1e-5).astype(mx.float32).sum()), [normal(1, length, hidden)]  # fmt: skip
     if piece == "layer":
-        from mlx.utils import tree_flatten
+        from mlx.utils import tree_flatten, tree_unflatten
         from mlx_lm.models import llama
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -77,12 +77,11 @@ def inputs_of(piece, size, length):
         layer = model.layers[0]
         x = normal(1, length, hidden)
 
-        def f(params):
-            layer.update(params)
+        def f(params):  # the LoRA parameters, flat: {path: array}
+            layer.update(tree_unflatten(list(params.items())))
             return layer(x, mask="causal").astype(mx.float32).sum()
 
-        checkpointed = mx.checkpoint(f)
-        return checkpointed, [dict(tree_flatten(layer.trainable_parameters()))]
+        return mx.checkpoint(f), [dict(tree_flatten(layer.trainable_parameters()))]
     if piece == "loss":
         from mlx_lm_optiq import settings, train_step
 
@@ -100,15 +99,9 @@ def inputs_of(piece, size, length):
 def measure(piece, size, length):
     """One piece at one length, in this process."""
     import mlx.core as mx
-    from mlx.utils import tree_unflatten
 
     f, args = inputs_of(piece, size, length)
-    if piece == "layer":  # differentiate w.r.t. the LoRA parameters as a tree
-        flat = args[0]
-        grad = mx.grad(lambda p: f(tree_unflatten(list(p.items()))))
-        args = [flat]
-    else:
-        grad = mx.grad(f, argnums=tuple(range(len(args))))
+    grad = mx.grad(f, argnums=tuple(range(len(args))))
     mx.eval(args)
     mx.clear_cache()
     mx.reset_peak_memory()

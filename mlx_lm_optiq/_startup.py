@@ -129,7 +129,8 @@ def run_hook(hook: str, module) -> None:
     A failure leaves mlx-lm unpatched (it then behaves as stock) and prints
     one line saying what was skipped. If this very command asked for rank
     scaling, failing open would silently train the wrong thing, so the
-    command stops instead.
+    command stops instead; ``train_model`` called from Python with the
+    plugin's options raises.
     """
     global failure
     if failure is not None:
@@ -156,13 +157,11 @@ def _guard_in_process(module):
     if module.__name__ != "mlx_lm.lora":
         return
     try:
-        from mlx_lm_optiq import settings, shim
+        from mlx_lm_optiq import shim
         from mlx_lm_optiq.errors import OptiqError
 
-        names = [f.name for f in settings.options()]
-
         def check(args):
-            asked = [settings.option_name(n) for n in names if getattr(args, n, None) is not None]  # fmt: skip
+            asked = _options_set(args)
             if asked:
                 raise OptiqError(_refusal(asked))
 
@@ -189,6 +188,17 @@ def _refuse_if_requested(module_name):
     raise SystemExit(_refusal(asked))
 
 
+def _options_set(namespace) -> list:
+    """The plugin's options (as ``--flags``) that ``namespace`` sets."""
+    from mlx_lm_optiq import settings
+
+    return [
+        settings.option_name(f.name)
+        for f in settings.options()
+        if getattr(namespace, f.name, None) is not None
+    ]
+
+
 def _options_requested(argv):
     """The mlx-lm-optiq options that ``argv`` or its YAML config (``-c X``,
     ``--config X``, ``--config=X``: parsed as mlx-lm parses them) asks for.
@@ -208,7 +218,7 @@ def _options_requested(argv):
         known, _ = parser.parse_known_args(argv)
     except SystemExit:  # an ambiguous option: as likely ours as not
         return ["options that may be mlx-lm-optiq's"]
-    asked = [settings.option_name(n) for n in names if getattr(known, n) is not None]
+    asked = _options_set(known)
     if known.config:
         try:
             import yaml  # mlx-lm's own config reader

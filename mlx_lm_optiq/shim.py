@@ -116,7 +116,6 @@ def guard_train_model(module, check) -> None:
         return original(args, *rest, **kwargs)
 
     _wrap(module, "train_model", train_model)
-    module.train_model.__optiq_guard__ = True  # the only change: a check first
 
 
 def upstream_has_hooks() -> bool:

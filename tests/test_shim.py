@@ -115,9 +115,9 @@ def test_an_mlx_lm_without_what_the_shim_hooks_into_is_refused():
 UNSUPPORTED = (
     "import sys, mlx_lm.tuner.trainer as t; "
     "t.train = lambda model, optimizer, train_dataset: None; sys.argv[1:] = {argv!r}; "
-    "import mlx_lm.lora; f = mlx_lm.lora.train_model; print('guarded only' if "
-    "getattr(f, '__optiq_guard__', False) else 'wrapped' if hasattr(f, "
-    "'__optiq_original__') else 'stock')"
+    "import mlx_lm.lora as l; w = [hasattr(f, '__optiq_original__') for f in "
+    "(l.train_model, l.train)]; print('guarded only' if w == [True, False] "
+    "else 'wrapped' if all(w) else 'stock')"
 )
 
 
