@@ -13,6 +13,8 @@ own process at each length (an out-of-memory abort loses one row):
   gradients on the layer's activations;
 - ``layer``: one decoder layer with rank-8 LoRA on its seven projections,
   checkpointed as mlx-lm's ``--grad-checkpoint`` does, gradient w.r.t. LoRA;
+- ``attn``, ``mlp``: the layer's two halves alone (its attention with
+  q/k/v/o LoRA, its MLP with gate/up/down LoRA), to say which half;
 - ``loss``: the plugin's chunked cross-entropy from final hidden states, the
   tied 128k-vocabulary head, gradient w.r.t. the hidden states.
 
@@ -20,7 +22,9 @@ own process at each length (an out-of-memory abort loses one row):
     python benchmarks/long_probe.py --size 8B --lengths 32768,49152,65536
 
 A row is the peak above the inputs (``mx.get_peak_memory``), the seconds,
-and the error for a piece that failed. Writes ``results/long_probe_SIZE.json``.
+and for a piece that failed the error with MLX's memory counters when it
+was raised (active, cache, peak): a peak far below the GPU's memory means
+one allocation asked for more than was left. Writes ``results/long_probe_SIZE.json``.
 """
 
 import argparse
@@ -36,7 +40,7 @@ sys.path.insert(0, str(HERE))
 from ceiling import SIZES, config_of  # noqa: E402
 from common import environment, print_table, write_result  # noqa: E402
 
-PIECES = ("sdpa", "rope", "norm", "layer", "loss")
+PIECES = ("sdpa", "rope", "norm", "attn", "mlp", "layer", "loss")
 
 
 def inputs_of(piece, size, length):
@@ -65,7 +69,7 @@ def inputs_of(piece, size, length):
     if piece == "norm":
         weight = mx.ones((hidden,), mx.bfloat16)
         return (lambda x: mx.fast.rms_norm(x, weight, 1e-5).astype(mx.float32).sum()), [normal(1, length, hidden)]  # fmt: skip
-    if piece == "layer":
+    if piece in ("layer", "attn", "mlp"):
         from mlx.utils import tree_flatten, tree_unflatten
         from mlx_lm.models import llama
         from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -76,12 +80,17 @@ def inputs_of(piece, size, length):
         linear_to_lora_layers(model, 1, {"rank": 8, "scale": 20.0, "dropout": 0.0})
         layer = model.layers[0]
         x = normal(1, length, hidden)
+        if piece != "layer":
+            part = layer.self_attn if piece == "attn" else layer.mlp
+            call = (lambda y: part(y, mask="causal")) if piece == "attn" else part
+        else:
+            part, call = layer, (lambda y: layer(y, mask="causal"))
 
         def f(params):  # the LoRA parameters, flat: {path: array}
-            layer.update(tree_unflatten(list(params.items())))
-            return layer(x, mask="causal").astype(mx.float32).sum()
+            part.update(tree_unflatten(list(params.items())))
+            return call(x).astype(mx.float32).sum()
 
-        return mx.checkpoint(f), [dict(tree_flatten(layer.trainable_parameters()))]
+        return mx.checkpoint(f), [dict(tree_flatten(part.trainable_parameters()))]
     if piece == "loss":
         from mlx_lm_optiq import settings, train_step
 
@@ -107,9 +116,20 @@ def measure(piece, size, length):
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     tic = time.perf_counter()
-    mx.eval(grad(*args))
+    try:
+        mx.eval(grad(*args))
+    except RuntimeError as e:  # out of memory: what MLX held when it was raised
+        return {"error": str(e)[:300], "memory_at_error_gb": memory_counters()}
     return {"peak_above_inputs_gb": (mx.get_peak_memory() - base) / 1e9,
             "seconds": time.perf_counter() - tic}  # fmt: skip
+
+
+def memory_counters():
+    """MLX's allocator counters now, in GB: ``active``, ``cache``, ``peak``."""
+    import mlx.core as mx
+
+    return {"active": mx.get_active_memory() / 1e9, "cache": mx.get_cache_memory() / 1e9,
+            "peak": mx.get_peak_memory() / 1e9}  # fmt: skip
 
 
 def run(piece, size, length, timeout):
@@ -142,8 +162,10 @@ def main():
         for piece in args.pieces.split(","):
             r = {"piece": piece, "length": length, **run(piece, args.size, length, args.timeout)}  # fmt: skip
             results.append(r)
+            held = r.get("memory_at_error_gb")
             rows.append((piece, length, f"{r['peak_above_inputs_gb']:.2f}" if "error" not in r else "-",
-                         f"{r['seconds']:.3f}" if "error" not in r else "-", r.get("error", "")))  # fmt: skip
+                         f"{r['seconds']:.3f}" if "error" not in r else "-",
+                         (f"(peak {held['peak']:.1f} GB) " if held else "") + r.get("error", "")))  # fmt: skip
             print(f"{piece} {length}: {rows[-1][2]} GB {rows[-1][4]}", flush=True)
     print_table(["piece", "length", "peak GB above inputs", "s", "error"], rows)
     out = args.out or HERE / "results" / f"long_probe_{args.size}.json"

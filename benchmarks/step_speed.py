@@ -19,6 +19,12 @@ except PEFT:
   called ``plugin`` (and its ``plugin_bf16_lora`` is today's ``plugin``).
 - ``peft``: transformers + PEFT, ``sdpa`` attention, ``labels=input_ids``.
 
+``--base-bits N`` adds speed rows on the same shapes with the base
+quantized (``nn.quantize``, N bits, group 64) and run by MLX's quantized
+kernels (``--base-compute quantized``): ``stock_aligned_qN`` and
+``plugin_qN``, what a QLoRA user of mlx-lm trains with, against the same
+bf16 PEFT row.
+
 Plans, in the order they run (``--plans``):
 
 - ``speed``: tokens/s (median over the timed steps) and peak memory at
@@ -82,8 +88,9 @@ class Rows:
         return self.rows[i]
 
 
-def mlx_model(size):
+def mlx_model(size, bits=None):
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx_lm.models import llama
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -91,6 +98,8 @@ def mlx_model(size):
               "tie_word_embeddings": True, **SIZES[size]}  # fmt: skip
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
     model.freeze()
     linear_to_lora_layers(model, LORA_LAYERS, {"rank": RANK, "scale": 20.0, "dropout": 0.0})  # fmt: skip
     mx.eval(model.parameters())
@@ -232,7 +241,8 @@ def child(spec):
     """Measure ``spec`` in this process; print one RESULT line per measurement."""
     framework, size = spec["framework"], spec["size"]
     build, measure = {"mlx": (mlx_model, mlx_measure), "torch": (torch_model, torch_measure)}[framework]  # fmt: skip
-    model = build(size)
+    bits = spec.get("bits")
+    model = build(size, bits) if bits else build(size)
     deadline = spec["deadline"]
 
     def run(variant, batch, length, iters, note=None):
@@ -241,6 +251,10 @@ def child(spec):
             result = measure(model, size, variant, batch, length, iters)
         except Exception as e:  # out of memory in PyTorch; MLX may abort instead
             result = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            if framework == "mlx":  # what MLX held when it was raised
+                result["memory_at_error_gb"] = mlx_memory_counters()
+        if bits:
+            variant = f"{variant}_q{bits}"
         result.update(variant=variant, batch=batch, length=length, note=note, wall_seconds=time.time() - tic)  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return result
@@ -268,6 +282,14 @@ def child(spec):
                 continue
             points.append((length, result["peak_memory_gb"] or 0.0))
             sent = result["seconds_per_step"]
+
+
+def mlx_memory_counters():
+    """MLX's allocator counters now, in GB: ``active``, ``cache``, ``peak``."""
+    import mlx.core as mx
+
+    return {"active": mx.get_active_memory() / 1e9, "cache": mx.get_cache_memory() / 1e9,
+            "peak": mx.get_peak_memory() / 1e9}  # fmt: skip
 
 
 # -- the parent: plans, processes, tables ---------------------------------------
@@ -312,6 +334,14 @@ def plans(args, limit_gb, now):
             todo.append(("speed", size, {"framework": "mlx", "size": size, "measure": shapes, "iters": args.iters}))  # fmt: skip
             shapes = [("peft", b, l) for b, l in speed_shapes]
             todo.append(("speed", size, {"framework": "torch", "size": size, "measure": shapes, "iters": args.iters}))  # fmt: skip
+            if args.base_bits:
+                shapes = [
+                    (v, b, l)
+                    for b, l in speed_shapes
+                    for v in ("stock_aligned", "plugin")
+                ]
+                todo.append(("speed", size, {"framework": "mlx", "size": size, "measure": shapes,
+                                             "iters": args.iters, "bits": args.base_bits}))  # fmt: skip
     if "memory" in args.plans:
         for size in sizes:
             for variant in args.memory_variants.split(","):
@@ -379,7 +409,8 @@ def plot(results, out):
     groups = sorted(
         {(r["size"], f"{r['batch']}x{r['length']}") for r in speed}, key=str
     )
-    variants = [*MLX_VARIANTS, "peft"]
+    quantized = sorted({r["variant"] for r in speed} - {*MLX_VARIANTS, "peft"})
+    variants = [*MLX_VARIANTS, *quantized, "peft"]
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
         values = [next((r["tokens_per_second"] for r in speed if (r["size"], f"{r['batch']}x{r['length']}") == g
@@ -414,6 +445,7 @@ def main():
     parser.add_argument("--memory-variants", default="plugin,peft,stock_aligned")
     parser.add_argument("--speed-shapes", default="4x2048,1x8192", help="batch x length, ...")  # fmt: skip
     parser.add_argument("--iters", type=int, default=5, help="per speed measurement; the first is not timed")  # fmt: skip
+    parser.add_argument("--base-bits", type=int, help="also the speed rows on a base quantized to this many bits")  # fmt: skip
     parser.add_argument("--start", type=int, default=4096)
     parser.add_argument("--max-length", type=int, default=131072)
     parser.add_argument(

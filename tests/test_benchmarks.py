@@ -94,3 +94,20 @@ def test_a_memory_series_that_fails_refines_halfway_to_the_failure():
             sent = None  # out of memory
     assert [n for n, _ in asked] == [4096, 8192, 16384, 32768, 65536, 131072, 98304]
     assert asked[-1][1] == "refinement after 131072 failed"
+
+
+def test_the_step_map_measures_a_quantized_base_under_its_own_name(capsys):
+    import json
+    import time
+
+    import mlx.nn as nn
+    import step_speed
+
+    model = step_speed.mlx_model("tiny", bits=4)
+    assert isinstance(model.layers[-1].self_attn.q_proj.linear, nn.QuantizedLinear)
+    spec = {"framework": "mlx", "size": "tiny", "measure": [("plugin", 1, 128)],
+            "iters": 2, "bits": 4, "deadline": time.time() + 600}  # fmt: skip
+    step_speed.child(spec)
+    rows = [json.loads(l[7:]) for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]  # fmt: skip
+    assert [(r["variant"], r["length"]) for r in rows] == [("plugin_q4", 128)]
+    assert rows[0]["tokens_per_second"] > 0 and "error" not in rows[0]
