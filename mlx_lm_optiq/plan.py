@@ -23,6 +23,7 @@ STEP_SETTINGS = (
     "base_compute",
     "align_inputs",
     "loss_chunk",
+    "attention_piece",
     "lora_compute",
     "lora_init",
     "lora_scale",

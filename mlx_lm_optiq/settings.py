@@ -26,6 +26,10 @@ LORA_INIT = ("default", "gradient")
 LORA_SCALE = ("fixed", "per-rank", "rslora")
 BUDGET_WORDS = ("free", "match", "default")
 DEFAULT_ALIGNMENT = 128
+# MLX's fused attention backward on CUDA runs out of memory once one call's
+# batch x query heads x key length x head dim reaches 2^28 (measured:
+# benchmarks/sdpa_long.py); half that runs, in the same time
+DEFAULT_ATTENTION_PIECE = 2**27
 
 GROUP_TITLE = "per-module LoRA ranks and a lean training step (mlx-lm-optiq)"
 GROUP_DESCRIPTION = (
@@ -121,6 +125,18 @@ class RunSettings:
             metavar="{auto,on,off,N}",
         ),
     )
+    attention_piece: Union[str, int] = field(
+        default="auto",
+        metadata=_option(
+            "run the fused attention in pieces over the query heads (with their "
+            "key/value heads), so that no call holds more than N elements of "
+            "batch x query heads x key length x head dim: the same result, and "
+            "on CUDA MLX's fused attention backward runs out of memory at 2^28 "
+            "(65,536 tokens at Llama-3.1-8B's heads). auto (default): 2^27 on "
+            "CUDA, off elsewhere; on: 2^27",
+            metavar="{auto,on,off,N}",
+        ),
+    )
     lora_compute: str = field(
         default="auto",
         metadata=_option(
@@ -212,6 +228,7 @@ class RunSettings:
             check("lora_plus_ratio", _positive)
         check("align_inputs", _switch_or_count)
         check("loss_chunk", _switch_or_count)
+        check("attention_piece", _switch_or_count)
         self.budget = "free"
         try:
             self.budget = parse_budget(self.rank_budget)
@@ -235,6 +252,10 @@ class RunSettings:
     def alignment(self, device: str) -> Optional[int]:
         """The model-input multiple batches are padded to on ``device``, or None."""
         return _resolve(self.align_inputs, device, DEFAULT_ALIGNMENT)
+
+    def attention_limit(self, device: str) -> Optional[int]:
+        """The most elements one fused attention call holds on ``device``, or None."""
+        return _resolve(self.attention_piece, device, DEFAULT_ATTENTION_PIECE)
 
     def lora_in_input_dtype(self, device: str) -> bool:
         """Whether the LoRA matmuls run in the activations' dtype on ``device``."""

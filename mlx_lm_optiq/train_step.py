@@ -12,13 +12,16 @@ module only chooses what its ``train()`` computes with:
 - the loss: cross-entropy ``--loss-chunk`` positions at a time from the final
   hidden states, so the full logits never exist (:func:`chunked_loss`);
 - the LoRA matmuls: with ``--lora-compute input`` in the activations' dtype
-  (:func:`lora_in_input_dtype`).
+  (:func:`lora_in_input_dtype`);
+- the attention: in pieces over the query heads where one fused call would
+  hold more than ``--attention-piece`` elements (:func:`attention_in_pieces`).
 
 Both are handed to ``train()`` and ``evaluate()`` through the
 ``mlx_lm_lora_training_functions`` hook.
 """
 
 import os
+from contextlib import contextmanager
 from typing import Callable, Optional, Tuple
 
 import mlx.nn as nn
@@ -302,6 +305,77 @@ def _cross_entropy_sum(head, hidden, targets, mask, chunk):
     return total
 
 
+# -- The attention: in pieces where one fused call would be too large ---------
+
+
+def attention_in_pieces(sdpa: Callable, limit: int) -> Callable:
+    """``sdpa`` (``mx.fast.scaled_dot_product_attention``'s signature) computed
+    in pieces of at most ``limit`` elements of batch x query heads x key length
+    x head dim: the rows of the batch apart, then groups of query heads with
+    the key/value heads they share (or a part of one's). Each piece is exact,
+    so the result and its gradient are the whole call's."""
+    import mlx.core as mx
+
+    def along(mask, axis, part):
+        """``mask``'s ``part`` of the batch (axis 0) or the heads (axis 1) of
+        the (batch, heads, queries, keys) it broadcasts to."""
+        at = mask.ndim - 4 + axis if isinstance(mask, mx.array) else -1
+        if at < 0 or mask.shape[at] == 1:
+            return mask
+        return mask[(slice(None),) * at + (part,)]
+
+    def attention(q, k, v, *, scale, mask=None, sinks=None, **kwargs):
+        batch, heads, _, dim = q.shape
+        kv_heads, keys = k.shape[1], k.shape[2]
+        per_head = keys * dim
+        if batch * heads * per_head <= limit:
+            return sdpa(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
+        if batch > 1:
+            rows = [attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], scale=scale,
+                              mask=along(mask, 0, slice(i, i + 1)), sinks=sinks, **kwargs)
+                    for i in range(batch)]  # fmt: skip
+            return mx.concatenate(rows, axis=0)
+        share = heads // kv_heads  # query heads per key/value head
+        size = max([n for n in range(1, heads + 1) if heads % n == 0 and n * per_head <= limit
+                    and (n % share == 0 or share % n == 0)] or [1])  # fmt: skip
+        parts = []
+        for start in range(0, heads, size):
+            kv = slice(start // share, max(start // share + 1, (start + size) // share))
+            part = slice(start, start + size)
+            parts.append(sdpa(q[:, part], k[:, kv], v[:, kv], scale=scale,
+                              mask=along(mask, 1, part),
+                              sinks=None if sinks is None else sinks[part], **kwargs))  # fmt: skip
+        return mx.concatenate(parts, axis=1)
+
+    return attention
+
+
+@contextmanager
+def fused_attention_in_pieces(limit: int):
+    """While open, ``mx.fast.scaled_dot_product_attention`` (which mlx-lm's
+    models call at each forward) runs in pieces of at most ``limit``
+    elements. Open around a loss: the graph built inside, and so its
+    gradient, is made of the pieces."""
+    import mlx.core as mx
+
+    whole = mx.fast.scaled_dot_product_attention
+    mx.fast.scaled_dot_product_attention = attention_in_pieces(whole, limit)
+    try:
+        yield
+    finally:
+        mx.fast.scaled_dot_product_attention = whole
+
+
+def with_attention_in_pieces(loss: Callable, limit: int) -> Callable:
+    """``loss`` with its forward's attention in pieces of at most ``limit``."""
+
+    def in_pieces(*args, **kwargs):
+        with fused_attention_in_pieces(limit):
+            return loss(*args, **kwargs)
+
+    return in_pieces
+
+
 class InputDtypeLoRALinear(LoRALinear):
     """mlx-lm's LoRALinear, its two matmuls in the input's dtype.
 
@@ -366,7 +440,7 @@ def training_functions(settings: RunSettings, model, report=print) -> dict:
     CUDA); a batch with no target token is always skipped and counted. The
     line printed says what was chosen and why.
     """
-    from mlx_lm.tuner.trainer import iterate_batches
+    from mlx_lm.tuner.trainer import default_loss, iterate_batches
 
     device = device_kind()
     alignment = settings.alignment(device)
@@ -383,5 +457,11 @@ def training_functions(settings: RunSettings, model, report=print) -> dict:
         said.append("mlx-lm's loss")
     if settings.lora_in_input_dtype(device) and lora_in_input_dtype(model):
         said.append("LoRA matmuls in the activations' dtype")
+    limit = settings.attention_limit(device)
+    if limit:
+        chosen["loss"] = with_attention_in_pieces(
+            chosen.get("loss", default_loss), limit
+        )
+        said.append(f"attention in pieces of at most {limit:,} elements")
     report(f"training step ({device}): " + ", ".join(said))
     return chosen

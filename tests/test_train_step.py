@@ -112,6 +112,79 @@ def test_chunked_loss_compiles_as_mlx_lm_compiles_its_step():
         assert relative(grad, want_grads[name]) <= 1e-4, name
 
 
+def _attention_case(batch=2, heads=8, kv_heads=2, length=16, dim=8, seed=3):
+    mx.random.seed(seed)
+    q = mx.random.normal((batch, heads, length, dim))
+    k, v = (mx.random.normal((batch, kv_heads, length, dim)) for _ in range(2))
+    return q, k, v
+
+
+MASKS = {
+    "none": lambda b, h, n: None,
+    "causal": lambda b, h, n: "causal",
+    "per row": lambda b, h, n: mx.random.normal((b, 1, n, n)),
+    "per head": lambda b, h, n: mx.random.normal((1, h, n, n)),
+    "2-D": lambda b, h, n: mx.random.normal((n, n)),
+}
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("per_call", [10**6, 8, 4, 2, 1], ids=lambda n: f"{n}-heads")
+def test_attention_in_pieces_is_the_whole_attention(mask, per_call):
+    """Outputs and gradients equal the whole call's, whatever the pieces:
+    rows of the batch, groups of key/value heads, parts of one's query heads."""
+    q, k, v = _attention_case()
+    arguments = {"scale": 0.3, "mask": MASKS[mask](2, 8, 16)}
+    whole = mx.fast.scaled_dot_product_attention
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return whole(*args, **kwargs)
+
+    pieces = train_step.attention_in_pieces(counted, limit=per_call * 16 * 8)
+
+    def loss(attention, q, k, v):
+        return (attention(q, k, v, **arguments) * mx.cos(mx.arange(8.0))).sum()
+
+    want = whole(q, k, v, **arguments)
+    assert mx.allclose(pieces(q, k, v, **arguments), want, atol=1e-6)
+    expected = [(2, 8, 16, 8)] if per_call > 16 else [(1, per_call, 16, 8)] * (16 // per_call)  # fmt: skip
+    assert calls == expected
+    grads = mx.grad(lambda *a: loss(pieces, *a), argnums=(0, 1, 2))(q, k, v)
+    wants = mx.grad(lambda *a: loss(whole, *a), argnums=(0, 1, 2))(q, k, v)
+    for got, wanted in zip(grads, wants):
+        assert relative(got, wanted) <= 1e-5
+
+
+def test_attention_in_pieces_splits_the_sinks_with_the_heads():
+    q, k, v = _attention_case(batch=1)
+    sinks = mx.random.normal((8,))
+    whole = mx.fast.scaled_dot_product_attention
+    pieces = train_step.attention_in_pieces(whole, limit=2 * 16 * 8)
+    got = pieces(q, k, v, scale=0.3, mask="causal", sinks=sinks)
+    assert mx.allclose(got, whole(q, k, v, scale=0.3, mask="causal", sinks=sinks), atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_a_loss_with_attention_in_pieces_is_mlx_lm_loss(arch):
+    """Through mlx-lm's models (each calls mx.fast's attention): the loss and
+    every LoRA gradient of the chunked loss and of mlx-lm's, attention in
+    pieces of one query head; mx.fast's own function is back afterwards."""
+    model = tiny(arch)
+    batch, lengths = batch_of()
+    whole = mx.fast.scaled_dot_product_attention
+    want, _, want_grads = value_and_grads(model, default_loss, batch, lengths)
+    head, _ = train_step.find_head(model)
+    for loss in (default_loss, train_step.chunked_loss(head, 16)):
+        pieces = train_step.with_attention_in_pieces(loss, limit=41 * 16)
+        got, _, got_grads = value_and_grads(model, pieces, batch, lengths)
+        assert mx.fast.scaled_dot_product_attention is whole
+        assert abs(got - want) <= 1e-5 * abs(want)
+        for name, grad in want_grads.items():
+            assert relative(got_grads[name], grad) <= 1e-4, name
+
+
 def test_a_head_that_is_not_found_is_said():
     class Scaled(importlib.import_module("mlx_lm.models.llama").Model):
         def __call__(self, inputs, cache=None, input_embeddings=None):
@@ -188,8 +261,13 @@ def _train(model_path, data_dir, tmp_path, **options):
 
 @pytest.mark.parametrize(
     "options",
-    [{"align_inputs": 128}, {"loss_chunk": 16}, {"align_inputs": 64, "loss_chunk": 7}],
-    ids=["aligned", "chunked", "both"],
+    [
+        {"align_inputs": 128},
+        {"loss_chunk": 16},
+        {"align_inputs": 64, "loss_chunk": 7},
+        {"attention_piece": 64},
+    ],
+    ids=["aligned", "chunked", "both", "attention-in-pieces"],
 )
 def test_training_losses_are_mlx_lm_losses(options, fp_model, data_dir, tmp_path):
     """Data that fits: the per-step losses of a whole run are stock mlx-lm's."""
@@ -199,19 +277,20 @@ def test_training_losses_are_mlx_lm_losses(options, fp_model, data_dir, tmp_path
     assert np.allclose(ours, stock, rtol=1e-4, atol=0), (ours, stock)
 
 
-def test_both_options_in_help_and_yaml(mixed_model, data_dir, tmp_path):
+def test_the_step_options_in_help_and_yaml(mixed_model, data_dir, tmp_path):
     out = " ".join(lora("--help").stdout.split())
     assert "--align-inputs {auto,on,off,N}" in out
     assert "--loss-chunk {auto,on,off,N}" in out
+    assert "--attention-piece {auto,on,off,N}" in out
     config = tmp_path / "c.yaml"
-    config.write_text("align_inputs: 64\nloss_chunk: 16\n")
+    config.write_text("align_inputs: 64\nloss_chunk: 16\nattention_piece: 4096\n")
     proc = lora(
         "--model", mixed_model, "--data", data_dir, *TRAIN_ARGS, "-c", config,
         "--adapter-path", tmp_path / "a",
     )  # fmt: skip
     assert (
         "training step (cpu): inputs aligned to 64 tokens, loss in chunks of 16 "
-        "positions" in proc.stdout
+        "positions, attention in pieces of at most 4,096 elements" in proc.stdout
     )
     # off (YAML reads it as false) and auto on the CPU: mlx-lm's own
     config.write_text("align_inputs: off\nloss_chunk: auto\n")
