@@ -127,21 +127,21 @@ study-step)
         --budget-seconds "${BUDGET:-1020}" --out $W/results/step_speed.json
     ;;
 study-long)
-    # issue 22's open rows: which piece fails first at 2^28 hidden elements
-    # (each half of the layer alone, MLX's counters when it fails), the step
-    # on a 4-bit base beside the bf16 rows and PEFT, then the memory series
-    # again (a refinement after a failure, up to 262,144) on all three sizes,
-    # and PEFT's and stock's on 3B
+    # issue 22's open rows. 2026-12-02 found the out-of-memory in MLX's fused
+    # attention backward (one call of 2^28 elements, sdpa_long.py); the
+    # plugin now runs it in pieces over the heads (--attention-piece), each
+    # piece copied to its own buffer: is a head slice of mlx-lm's transposed
+    # activations what still failed? Then the memory series with the pieces
+    # (a refinement after a failure in a new process, up to 262,144), then
+    # the step on a 4-bit base (its rows first) beside the bf16 rows and PEFT
     export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
     mkdir -p $W/results
-    python3 benchmarks/long_probe.py --size 1B --lengths 65536,131072 --out $W/results/long_probe_1B.json
-    python3 benchmarks/long_probe.py --size 8B --lengths 32768,65536 --out $W/results/long_probe_8B.json
+    python3 benchmarks/sdpa_long.py --layout model --out $W/results/sdpa_long_8B_model_layout.json \
+        --rows backward:whole:49152,backward:heads:2:65536,backward:heads-copied:2:65536,backward:heads-copied:8:131072,backward:heads-copied:8:262144
+    python3 benchmarks/step_speed.py --plans memory --sizes 8B,1B,3B --memory-variants plugin \
+        --max-length 262144 --budget-seconds "${BUDGET:-600}" --out $W/results/step_memory.json
     python3 benchmarks/step_speed.py --plans speed --sizes 1B,8B --base-bits 4 \
-        --budget-seconds "${BUDGETQ:-300}" --out $W/results/step_speed_q4.json
-    python3 benchmarks/step_speed.py --plans memory --sizes 1B,8B,3B --memory-variants plugin \
-        --max-length 262144 --budget-seconds "${BUDGET:-420}" --out $W/results/step_memory.json
-    python3 benchmarks/step_speed.py --plans memory --sizes 3B --memory-variants peft,stock_aligned \
-        --budget-seconds "${BUDGET3B:-300}" --out $W/results/step_memory_3B.json
+        --budget-seconds "${BUDGETQ:-420}" --out $W/results/step_speed_q4.json
     ;;
 study-signal-smollm2)
     # issue 25's study, first model: every arm at 3 learning rates, 4 seeds, both

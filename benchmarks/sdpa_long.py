@@ -42,7 +42,11 @@ def attention(q, k, v, split):
     if kind == "whole":
         return sdpa(q, k, v, scale=scale, mask="causal")
     n = int(n)
-    if kind == "heads":
+    if kind in ("heads", "heads-copied"):
+        if kind == "heads-copied":  # each piece its own buffer
+            sdpa = lambda q, k, v, **kw: mx.fast.scaled_dot_product_attention(  # noqa: E731
+                mx.contiguous(q), mx.contiguous(k), mx.contiguous(v), **kw
+            )
         qh, kh = q.shape[1] // n, k.shape[1] // n
         parts = [sdpa(q[:, i * qh : (i + 1) * qh], k[:, i * kh : (i + 1) * kh],
                       v[:, i * kh : (i + 1) * kh], scale=scale, mask="causal") for i in range(n)]  # fmt: skip
@@ -55,12 +59,17 @@ def attention(q, k, v, split):
     raise ValueError(split)
 
 
-def measure(mode, split, length, heads, kv_heads, dim, check):
+def measure(mode, split, length, heads, kv_heads, dim, check, layout="contiguous"):
     import mlx.core as mx
 
     mx.random.seed(0)
-    q = mx.random.normal((1, heads, length, dim)).astype(mx.bfloat16)
-    k, v = (mx.random.normal((1, kv_heads, length, dim)).astype(mx.bfloat16) for _ in range(2))  # fmt: skip
+
+    def made(h):  # "model": (batch, length, heads, dim) transposed, as mlx-lm's models
+        if layout == "model":
+            return mx.random.normal((1, length, h, dim)).astype(mx.bfloat16).transpose(0, 2, 1, 3)  # fmt: skip
+        return mx.random.normal((1, h, length, dim)).astype(mx.bfloat16)
+
+    q, k, v = made(heads), made(kv_heads), made(kv_heads)
     mx.eval(q, k, v)
 
     def loss(q, k, v):
@@ -123,6 +132,8 @@ def main():
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--rows", default="backward:whole:32768,backward:whole:65536,backward:heads:4:65536")  # fmt: skip
+    parser.add_argument("--layout", default="contiguous", choices=("contiguous", "model"),
+                        help="model: q, k, v transposed views of (batch, length, heads, dim)")  # fmt: skip
     parser.add_argument("--check", type=int, default=8192, help="prefix compared with whole attention")  # fmt: skip
     parser.add_argument("--timeout", type=int, default=300, help="seconds per row")
     parser.add_argument("--out", default=str(HERE / "results" / "sdpa_long.json"))
@@ -136,7 +147,7 @@ def main():
     for text in args.rows.split(","):
         mode, split, length = parse_row(text)
         r = {"mode": mode, "split": split, "length": length,
-             **run([mode, split, length, *shape, args.check], args.timeout)}  # fmt: skip
+             **run([mode, split, length, *shape, args.check, args.layout], args.timeout)}  # fmt: skip
         results.append(r)
         held = r.get("memory_at_error_gb")
         rows.append((mode, split, length,
@@ -147,7 +158,7 @@ def main():
         print(" ".join(str(x) for x in rows[-1]), flush=True)
     print_table(["mode", "split", "length", "peak GB", "ms", "max |diff|", "error"], rows)  # fmt: skip
     write_result(args.out, {"benchmark": "sdpa_long", "command": " ".join(sys.argv),
-                            "heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim,
+                            "heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim, "layout": args.layout,
                             "environment": environment(), "results": results})  # fmt: skip
 
 

@@ -342,7 +342,10 @@ def attention_in_pieces(sdpa: Callable, limit: int) -> Callable:
         for start in range(0, heads, size):
             kv = slice(start // share, max(start // share + 1, (start + size) // share))
             part = slice(start, start + size)
-            parts.append(sdpa(q[:, part], k[:, kv], v[:, kv], scale=scale,
+            # each piece its own buffer: a head slice of mlx-lm's transposed
+            # (batch, length, heads, dim) activations spans the whole of them
+            pq, pk, pv = (mx.contiguous(x) for x in (q[:, part], k[:, kv], v[:, kv]))
+            parts.append(sdpa(pq, pk, pv, scale=scale,
                               mask=along(mask, 1, part),
                               sinks=None if sinks is None else sinks[part], **kwargs))  # fmt: skip
         return mx.concatenate(parts, axis=1)

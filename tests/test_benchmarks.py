@@ -111,3 +111,26 @@ def test_the_step_map_measures_a_quantized_base_under_its_own_name(capsys):
     rows = [json.loads(l[7:]) for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]  # fmt: skip
     assert [(r["variant"], r["length"]) for r in rows] == [("plugin_q4", 128)]
     assert rows[0]["tokens_per_second"] > 0 and "error" not in rows[0]
+
+
+def test_a_refinement_after_an_mlx_failure_runs_in_a_new_process(capsys, monkeypatch):
+    """The process that ran out of memory hands the refinement back instead
+    of measuring it with an allocator that is not what it was."""
+    import json
+    import time
+
+    import step_speed
+
+    def measure(model, size, variant, batch, length, iters):
+        if length >= 512:
+            raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")  # fmt: skip
+        return {"tokens_per_second": 1.0, "seconds_per_step": 0.01, "peak_memory_gb": length / 1e3}  # fmt: skip
+
+    monkeypatch.setattr(step_speed, "mlx_measure", measure)
+    series = {"variant": "plugin", "start": 128, "max_length": 4096, "limit_gb": 100.0,
+              "step": 128, "margin": 1.15, "iters": 2}  # fmt: skip
+    step_speed.child({"framework": "mlx", "size": "tiny", "series": series, "deadline": time.time() + 600})  # fmt: skip
+    rows = [json.loads(l[7:]) for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]  # fmt: skip
+    assert [r.get("length") for r in rows] == [128, 256, 512, None]
+    assert "memory_at_error_gb" in rows[2]
+    assert rows[3]["retry"] == [384, "refinement after 512 failed"]
