@@ -143,6 +143,7 @@ def mlx_measure(model, size, variant, batch, length, iters):
     finally:
         block.__call__ = call
         _plain_lora(model)  # the next variant starts from mlx-lm's layers
+        train_step.set_attention_limit(None)  # and mx.fast's whole attention
         shutil.rmtree(work, ignore_errors=True)
     steady = reports[1:] or reports
     seconds = median(1 / r["iterations_per_second"] for r in steady)

@@ -21,7 +21,6 @@ Both are handed to ``train()`` and ``evaluate()`` through the
 """
 
 import os
-from contextlib import contextmanager
 from typing import Callable, Optional, Tuple
 
 import mlx.nn as nn
@@ -353,30 +352,42 @@ def attention_in_pieces(sdpa: Callable, limit: int) -> Callable:
     return attention
 
 
-@contextmanager
-def fused_attention_in_pieces(limit: int):
-    """While open, ``mx.fast.scaled_dot_product_attention`` (which mlx-lm's
-    models call at each forward) runs in pieces of at most ``limit``
-    elements. Open around a loss: the graph built inside, and so its
-    gradient, is made of the pieces."""
+class AttentionInPieces:
+    """``mx.fast.scaled_dot_product_attention`` as a run of the plugin calls
+    it: the whole call (``limit`` None) or :func:`attention_in_pieces`.
+
+    It must be in place for the whole of ``train()``, not only inside the
+    loss: with ``--grad-checkpoint`` mlx-lm's checkpointed blocks are called
+    again while the gradient is built, after the loss has returned, and the
+    backward is the gradient of that second call's attention.
+    """
+
+    def __init__(self, whole: Callable):
+        self.whole = whole
+        self.limit: Optional[int] = None
+
+    def __call__(self, q, k, v, **kwargs):
+        if self.limit is None:
+            return self.whole(q, k, v, **kwargs)
+        return attention_in_pieces(self.whole, self.limit)(q, k, v, **kwargs)
+
+
+def set_attention_limit(limit: Optional[int]) -> None:
+    """From now on in this process, ``mx.fast``'s attention (which mlx-lm's
+    models call) runs in pieces of at most ``limit`` elements, or whole for
+    None. Installed once, the first time a limit is set, and each run sets
+    its own; as mlx-lm's gradient checkpointing patches the block class for
+    the rest of the process. The pieces are exact: results and gradients are
+    the whole call's."""
     import mlx.core as mx
 
-    whole = mx.fast.scaled_dot_product_attention
-    mx.fast.scaled_dot_product_attention = attention_in_pieces(whole, limit)
-    try:
-        yield
-    finally:
-        mx.fast.scaled_dot_product_attention = whole
-
-
-def with_attention_in_pieces(loss: Callable, limit: int) -> Callable:
-    """``loss`` with its forward's attention in pieces of at most ``limit``."""
-
-    def in_pieces(*args, **kwargs):
-        with fused_attention_in_pieces(limit):
-            return loss(*args, **kwargs)
-
-    return in_pieces
+    installed = mx.fast.scaled_dot_product_attention
+    if not isinstance(installed, AttentionInPieces):
+        if limit is None:
+            return  # never asked for: mx.fast as it is
+        installed = AttentionInPieces(installed)
+        mx.fast.scaled_dot_product_attention = installed
+    installed.limit = limit
 
 
 class InputDtypeLoRALinear(LoRALinear):
@@ -441,11 +452,15 @@ def training_functions(settings: RunSettings, model, report=print) -> dict:
 
     ``--align-inputs`` and ``--loss-chunk`` decide, per device (``auto``: on
     CUDA); a batch with no target token is always skipped and counted. The
-    line printed says what was chosen and why.
+    line printed says what was chosen and why. The attention limit is set
+    for the process (:func:`set_attention_limit`): ``train()`` takes no
+    argument for it.
     """
-    from mlx_lm.tuner.trainer import default_loss, iterate_batches
+    from mlx_lm.tuner.trainer import iterate_batches
 
     device = device_kind()
+    limit = settings.attention_limit(device)
+    set_attention_limit(limit)  # first: what follows calls the model too
     alignment = settings.alignment(device)
     chosen = {"iterate_batches": batch_iterator(iterate_batches, alignment, SkippedBatches(report))}  # fmt: skip
     said = [f"inputs aligned to {alignment} tokens" if alignment else "inputs as mlx-lm pads them"]  # fmt: skip
@@ -460,11 +475,7 @@ def training_functions(settings: RunSettings, model, report=print) -> dict:
         said.append("mlx-lm's loss")
     if settings.lora_in_input_dtype(device) and lora_in_input_dtype(model):
         said.append("LoRA matmuls in the activations' dtype")
-    limit = settings.attention_limit(device)
     if limit:
-        chosen["loss"] = with_attention_in_pieces(
-            chosen.get("loss", default_loss), limit
-        )
         said.append(f"attention in pieces of at most {limit:,} elements")
     report(f"training step ({device}): " + ", ".join(said))
     return chosen

@@ -166,23 +166,54 @@ def test_attention_in_pieces_splits_the_sinks_with_the_heads():
     assert mx.allclose(got, whole(q, k, v, scale=0.3, mask="causal", sinks=sinks), atol=1e-6)  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def whole_attention():
+    """mx.fast's attention as it was before each test, put back after it
+    (a run with --attention-piece leaves its own installed)."""
+    whole = mx.fast.scaled_dot_product_attention
+    yield whole
+    mx.fast.scaled_dot_product_attention = whole
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_a_loss_with_attention_in_pieces_is_mlx_lm_loss(arch):
+def test_a_loss_with_attention_in_pieces_is_mlx_lm_loss(arch, whole_attention):
     """Through mlx-lm's models (each calls mx.fast's attention): the loss and
     every LoRA gradient of the chunked loss and of mlx-lm's, attention in
-    pieces of one query head; mx.fast's own function is back afterwards."""
+    pieces of one query head; a limit of None is the whole call again."""
     model = tiny(arch)
     batch, lengths = batch_of()
-    whole = mx.fast.scaled_dot_product_attention
     want, _, want_grads = value_and_grads(model, default_loss, batch, lengths)
     head, _ = train_step.find_head(model)
     for loss in (default_loss, train_step.chunked_loss(head, 16)):
-        pieces = train_step.with_attention_in_pieces(loss, limit=41 * 16)
-        got, _, got_grads = value_and_grads(model, pieces, batch, lengths)
-        assert mx.fast.scaled_dot_product_attention is whole
+        train_step.set_attention_limit(41 * 16)
+        got, _, got_grads = value_and_grads(model, loss, batch, lengths)
         assert abs(got - want) <= 1e-5 * abs(want)
         for name, grad in want_grads.items():
             assert relative(got_grads[name], grad) <= 1e-4, name
+    installed = mx.fast.scaled_dot_product_attention
+    train_step.set_attention_limit(None)
+    assert mx.fast.scaled_dot_product_attention is installed  # installed once
+    assert installed.limit is None and installed.whole is whole_attention
+
+
+def test_the_backward_of_checkpointed_blocks_is_in_pieces_too(fp_model, data_dir, tmp_path, whole_attention):  # fmt: skip
+    """With --grad-checkpoint mlx-lm calls each block again while the gradient
+    is built, after the loss has returned: that call's attention, whose
+    gradient is the backward, must be in pieces as well (it was whole)."""
+    calls = []
+
+    def counted(q, k, v, **kwargs):
+        calls.append(q.shape[:2])
+        return whole_attention(q, k, v, **kwargs)
+
+    mx.fast.scaled_dot_product_attention = counted
+    stock = _train(fp_model, data_dir, tmp_path / "stock", grad_checkpoint=True)
+    whole = set(calls)
+    calls.clear()
+    ours = _train(fp_model, data_dir, tmp_path / "ours", grad_checkpoint=True, attention_piece=1)  # fmt: skip
+    assert any(heads > 1 for _, heads in whole)
+    assert calls and set(calls) == {(1, 1)}, set(calls)  # one row, one head a call
+    assert np.allclose(ours, stock, rtol=1e-4, atol=0), (ours, stock)
 
 
 def test_a_head_that_is_not_found_is_said():
