@@ -128,20 +128,25 @@ study-step)
     ;;
 study-long)
     # issue 22's open rows. 2026-12-02 found the out-of-memory in MLX's fused
-    # attention backward (one call of 2^28 elements, sdpa_long.py); the
-    # plugin now runs it in pieces over the heads (--attention-piece), each
-    # piece copied to its own buffer: is a head slice of mlx-lm's transposed
-    # activations what still failed? Then the memory series with the pieces
-    # (a refinement after a failure in a new process, up to 262,144), then
-    # the step on a 4-bit base (its rows first) beside the bf16 rows and PEFT
+    # attention backward (one call of 2^28 elements, sdpa_long.py), and the
+    # plugin's pieces still failing at 8B x 65,536; the CPU then showed why:
+    # with --grad-checkpoint the backward was each block's second, whole,
+    # attention (mended). Does a head slice of mlx-lm's layout need its copy?
+    # Then the plugin's series past the 2^28 lengths (the shorter ones are
+    # committed and unchanged: below 2^27 elements there are no pieces), the
+    # 8B first, then the 1B, then the step on a 4-bit base if time is left
     export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
     mkdir -p $W/results
     python3 benchmarks/sdpa_long.py --layout model --out $W/results/sdpa_long_8B_model_layout.json \
-        --rows backward:whole:49152,backward:heads:2:65536,backward:heads-copied:2:65536,backward:heads-copied:8:131072,backward:heads-copied:8:262144
-    python3 benchmarks/step_speed.py --plans memory --sizes 8B,1B,3B --memory-variants plugin \
-        --max-length 262144 --budget-seconds "${BUDGET:-600}" --out $W/results/step_memory.json
+        --rows backward:heads:2:65536,backward:heads-copied:2:65536,backward:heads-copied:8:131072
+    python3 benchmarks/step_speed.py --plans memory --sizes 8B --memory-variants plugin \
+        --start 65536 --max-length 262144 --budget-seconds "${BUDGET8:-600}" \
+        --out $W/results/step_memory_8B_long.json
+    python3 benchmarks/step_speed.py --plans memory --sizes 1B --memory-variants plugin \
+        --start 131072 --max-length 262144 --budget-seconds "${BUDGET1:-360}" \
+        --out $W/results/step_memory_1B_long.json
     python3 benchmarks/step_speed.py --plans speed --sizes 1B,8B --base-bits 4 \
-        --budget-seconds "${BUDGETQ:-420}" --out $W/results/step_speed_q4.json
+        --budget-seconds "${BUDGETQ:-240}" --out $W/results/step_speed_q4.json
     ;;
 study-signal-smollm2)
     # issue 25's study, first model: every arm at 3 learning rates, 4 seeds, both
