@@ -18,6 +18,7 @@
 #         bash benchmarks/device.sh start step bash benchmarks/device.sh study-step
 #         bash benchmarks/device.sh start sens bash benchmarks/device.sh study-sensitivity
 #         bash benchmarks/device.sh start long bash benchmarks/device.sh study-long
+#         bash benchmarks/device.sh start q4 bash benchmarks/device.sh study-quantized
 #         bash benchmarks/device.sh start signal bash benchmarks/device.sh study-signal-smollm2
 #           (then study-signal-qwen, once signal_smollm2-135m.json is committed)
 #           (needs MLX and SmolLM2 only: setup's A without the Qwen slices)
@@ -134,7 +135,7 @@ study-long)
     # attention (mended). Does a head slice of mlx-lm's layout need its copy?
     # Then the plugin's series past the 2^28 lengths (the shorter ones are
     # committed and unchanged: below 2^27 elements there are no pieces), the
-    # 8B first, then the 1B, then the step on a 4-bit base if time is left
+    # 8B first, then the 1B, (study-quantized: the step on a 4-bit base)
     export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
     mkdir -p $W/results
     python3 benchmarks/sdpa_long.py --layout model --out $W/results/sdpa_long_8B_model_layout.json \
@@ -145,8 +146,15 @@ study-long)
     python3 benchmarks/step_speed.py --plans memory --sizes 1B --memory-variants plugin \
         --start 131072 --max-length 262144 --budget-seconds "${BUDGET1:-360}" \
         --out $W/results/step_memory_1B_long.json
+    ;;
+study-quantized)
+    # the step on a 4-bit base: the plugin as it runs (auto: float copies of
+    # the base on the GPU), with --base-compute quantized, and stock mlx-lm
+    # (aligned), beside the bf16 rows and PEFT of the same process plan
+    export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+    mkdir -p $W/results
     python3 benchmarks/step_speed.py --plans speed --sizes 1B,8B --base-bits 4 \
-        --budget-seconds "${BUDGETQ:-240}" --out $W/results/step_speed_q4.json
+        --budget-seconds "${BUDGET:-560}" --out $W/results/step_speed_q4.json
     ;;
 study-signal-smollm2)
     # issue 25's study, first model: every arm at 3 learning rates, 4 seeds, both

@@ -62,6 +62,9 @@ from common import print_table, write_result  # noqa: E402
 
 RANK = 8
 MLX_VARIANTS = ("stock", "stock_aligned", "plugin", "plugin_f32_lora")
+# on a quantized base: the plugin as it runs (auto: float copies of the base
+# on the GPU) and with --base-compute quantized (MLX's quantized matmuls)
+QUANTIZED_VARIANTS = ("stock_aligned", "plugin", "plugin_quantized_base")
 
 
 # -- one process: one framework, one model size --------------------------------
@@ -111,15 +114,25 @@ def mlx_measure(model, size, variant, batch, length, iters):
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
 
-    from mlx_lm_optiq import train_step
+    import mlx.nn as nn
+
+    from mlx_lm_optiq import lora_layers, train_step
     from mlx_lm_optiq.settings import RunSettings
 
     functions = {}
+    quantized = [(path, m) for path, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]  # fmt: skip
     if variant.startswith("plugin"):
         lora_compute = "float32" if variant == "plugin_f32_lora" else "input"
+        base_compute = "quantized" if variant == "plugin_quantized_base" else "auto"
         asked = RunSettings(align_inputs="on", loss_chunk="on", lora_compute=lora_compute,
-                            given=frozenset({"align_inputs"}))  # fmt: skip
+                            base_compute=base_compute, given=frozenset({"align_inputs"}))  # fmt: skip
+        # as a run does: auto trains a quantized base against float copies
+        # where they fit in a quarter of the memory (the H200: every size here)
+        train_step.apply_base_compute(asked, model, report=lambda line: None)
         functions = train_step.training_functions(asked, model, report=lambda line: None)  # fmt: skip
+    still = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())  # fmt: skip
+    base = "quantized" if still else "float copies" if quantized else "float"
     max_seq = length + 1 if variant == "stock_aligned" else length
     reports = []
 
@@ -143,13 +156,14 @@ def mlx_measure(model, size, variant, batch, length, iters):
     finally:
         block.__call__ = call
         _plain_lora(model)  # the next variant starts from mlx-lm's layers
+        lora_layers.swap_in(model, quantized)  # and the quantized base
         train_step.set_attention_limit(None)  # and mx.fast's whole attention
         shutil.rmtree(work, ignore_errors=True)
     steady = reports[1:] or reports
     seconds = median(1 / r["iterations_per_second"] for r in steady)
     return {"tokens_per_second": batch * length / seconds, "seconds_per_step": seconds,
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "model_input": length - 1 if variant == "stock" else length}  # fmt: skip
+            "model_input": length - 1 if variant == "stock" else length, "base": base}  # fmt: skip
 
 
 def _plain_lora(model):
@@ -337,7 +351,7 @@ def plans(args, limit_gb, now):
     if "speed" in args.plans:
         for size in sizes:
             if args.base_bits:  # first: the quantized rows are what the run adds
-                shapes = [(v, b, l) for b, l in speed_shapes for v in ("stock_aligned", "plugin")]  # fmt: skip
+                shapes = [(v, b, l) for b, l in speed_shapes for v in QUANTIZED_VARIANTS]  # fmt: skip
                 todo.append(("speed", size, {"framework": "mlx", "size": size, "measure": shapes,
                                              "iters": args.iters, "bits": args.base_bits}))  # fmt: skip
             shapes = [("peft", b, l) for b, l in speed_shapes]

@@ -111,6 +111,14 @@ def test_the_step_map_measures_a_quantized_base_under_its_own_name(capsys):
     rows = [json.loads(l[7:]) for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]  # fmt: skip
     assert [(r["variant"], r["length"]) for r in rows] == [("plugin_q4", 128)]
     assert rows[0]["tokens_per_second"] > 0 and "error" not in rows[0]
+    # the plugin row trains against float copies (auto, as a run does), the
+    # next row finds the quantized base again
+    assert rows[0]["base"] == "float copies"
+    row = step_speed.mlx_measure(model, "tiny", "plugin_quantized_base", 1, 128, 2)
+    assert row["base"] == "quantized"
+    assert step_speed.mlx_measure(model, "tiny", "stock_aligned", 1, 128, 2)["base"] == "quantized"  # fmt: skip
+    assert isinstance(model.layers[-1].self_attn.q_proj.linear, nn.QuantizedLinear)
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
 
 
 def test_a_refinement_after_an_mlx_failure_runs_in_a_new_process(capsys, monkeypatch):
